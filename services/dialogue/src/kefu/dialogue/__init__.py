@@ -1,0 +1,1 @@
+"""kefu dialogue service: event-sourced conversations and the answer policy."""

@@ -1,0 +1,157 @@
+"""Producing a reply: handoff, retrieval, grounded generation gated sentence by sentence, and the
+extractive fallback. The decisions are in kefu.dialogue.policy; this module does the I/O."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats.errors
+
+from kefu.dialogue.policy import (
+    HANDOFF_TEXT,
+    HUMAN_MODE_TEXT,
+    NO_ANSWER_TEXT,
+    Evidence,
+    Passage,
+    best_evidence,
+    build_messages,
+    lang,
+    sentence_ok,
+    split_complete,
+    wants_human,
+)
+from kefu.proto.bus.v1 import llm_pb2, retrieval_pb2
+from kefu.shared.bus import Bus, decode
+from kefu.shared.errors import KefuError
+from kefu.shared.logging import get_logger
+from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
+
+log = get_logger("kefu.dialogue.answer")
+
+MAX_SENTENCES = 3
+
+Emit = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class Answer:
+    text: str
+    source: str
+    citations: list[str] = field(default_factory=list)
+    handoff: bool = False
+
+
+@dataclass
+class AnswerSettings:
+    search_k: int = 4
+    max_tokens: int = 96
+    first_chunk_timeout: float = 20.0
+    chunk_timeout: float = 10.0
+    llm_enabled: bool = True
+
+
+class Answerer:
+    def __init__(self, bus: Bus, settings: AnswerSettings) -> None:
+        self.bus = bus
+        self.settings = settings
+
+    async def answer(self, *, tenant: str, mode: str, text: str, kb_min_seq: int, emit: Emit) -> Answer:
+        language = lang(text)
+        if mode == "human":
+            reply = Answer(HUMAN_MODE_TEXT[language], "handoff")
+        elif wants_human(text):
+            reply = Answer(HANDOFF_TEXT[language], "handoff", handoff=True)
+        else:
+            return await self._from_kb(tenant, text, kb_min_seq, emit)
+        await emit(reply.text)
+        return reply
+
+    async def _from_kb(self, tenant: str, text: str, kb_min_seq: int, emit: Emit) -> Answer:
+        found = await self.bus.request(
+            "kefu.retrieval.search",
+            retrieval_pb2.SearchRequest(tenant=tenant, query=text, k=self.settings.search_k, min_kb_seq=kb_min_seq),
+            retrieval_pb2.SearchReply,
+        )
+        passages = [Passage(h.doc_id, h.title, h.text) for h in found.hits]
+        evidence = best_evidence(text, passages)
+        if evidence is None:
+            reply = Answer(NO_ANSWER_TEXT[lang(text)], "kb")
+            await emit(reply.text)
+            return reply
+        if self.settings.llm_enabled:
+            generated = await self._generate_checked(text, passages, evidence, emit)
+            if generated:
+                return Answer(generated, "llm", [evidence.doc_id])
+        # The model dropped or invented a fact (or is not there): the cited sentence itself is the answer.
+        await emit(evidence.sentence)
+        return Answer(evidence.sentence, "kb", [evidence.doc_id])
+
+    async def _generate_checked(self, query: str, passages: list[Passage], evidence: Evidence, emit: Emit) -> str:
+        """Stream the model's answer, showing each sentence only once it has passed the fact check;
+        stop the model at the first sentence that fails. Returns what was shown."""
+        shown: list[str] = []
+        sep = "" if lang(query) == "zh" else " "
+        buffer = ""
+        job_id = uuid.uuid4().hex
+        messages = build_messages(query, passages, evidence)
+        try:
+            async for piece in self._generate(job_id, messages):
+                buffer += piece
+                sentences, buffer = split_complete(buffer)
+                for s in sentences:
+                    if len(shown) >= MAX_SENTENCES or not sentence_ok(
+                            s, query=query, passages=passages, evidence=evidence, first=not shown):
+                        await self._cancel(job_id)
+                        return sep.join(shown)
+                    await emit((sep if shown else "") + s)
+                    shown.append(s)
+            rest = buffer.strip()
+            if rest and len(shown) < MAX_SENTENCES and sentence_ok(
+                    rest, query=query, passages=passages, evidence=evidence, first=not shown):
+                await emit((sep if shown else "") + rest)
+                shown.append(rest)
+        except KefuError as exc:
+            log.warning("generation unavailable, answering from the passage", error=exc.message)
+            await self._cancel(job_id)
+        return sep.join(shown)
+
+    async def _generate(self, job_id: str, messages: list[dict[str, str]]) -> AsyncIterator[str]:
+        """Queue a job on the LLM work queue and yield its text pieces as they arrive at our inbox."""
+        s = self.settings
+        async with self.bus.inbox() as (inbox, sub):
+            job = llm_pb2.GenerateRequest(
+                job_id=job_id, max_tokens=s.max_tokens, temperature=0.0, seed=1, reply_inbox=inbox,
+                deadline_ms=int((time.time() + s.first_chunk_timeout + 4 * s.chunk_timeout) * 1000),
+                messages=[llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+            )
+            try:
+                await self.bus.js.publish(LLM_GENERATE, job.SerializeToString(), headers={"Nats-Msg-Id": job_id})
+            except Exception as exc:
+                raise KefuError(f"cannot queue generation: {exc}") from None
+            expected = 0
+            timeout = s.first_chunk_timeout
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=timeout)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    raise KefuError("the model did not answer in time") from None
+                chunk = decode(llm_pb2.GenerateChunk, msg.data)
+                timeout = s.chunk_timeout
+                if chunk.index < expected:
+                    continue  # a redelivered job replays chunks we already have
+                expected = chunk.index + 1
+                if chunk.error_code:
+                    raise KefuError(chunk.error_message or "generation failed")
+                if chunk.text:
+                    yield chunk.text
+                if chunk.done:
+                    return
+
+    async def _cancel(self, job_id: str) -> None:
+        try:
+            await self.bus.nc.publish(LLM_CANCEL, job_id.encode())
+        except Exception:
+            pass

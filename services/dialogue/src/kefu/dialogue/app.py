@@ -1,0 +1,145 @@
+"""The dialogue service: owns conversations (stream CONV) and answers kefu.dialogue.{start,turn,get}."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+import weakref
+from contextlib import AsyncExitStack
+
+from nats.aio.msg import Msg
+from pydantic import Field
+
+from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
+from kefu.dialogue.codec import state_to_proto
+from kefu.dialogue.state import BotReply, ModeChanged, Started, State, VisitorMessage
+from kefu.dialogue.store import ConversationStore
+from kefu.proto.bus.v1 import turn_pb2
+from kefu.shared import text as textutil
+from kefu.shared.bus import Bus, subject_token
+from kefu.shared.config import KefuSettings
+from kefu.shared.errors import BadRequest, Conflict
+from kefu.shared.service import Service
+from kefu.shared.streams import out_subject
+
+MAX_TEXT_CHARS = 4000
+APPEND_RETRIES = 5
+
+
+class DialogueSettings(KefuSettings):
+    search_k: int = Field(default=4, ge=1, le=20)
+    llm_max_tokens: int = Field(default=96, ge=8, le=1024)
+    llm_first_chunk_timeout: float = Field(default=20.0, gt=0)
+    llm_enabled: bool = True
+
+
+class DialogueService(Service):
+    name = "dialogue"
+    settings_class = DialogueSettings
+    settings: DialogueSettings
+
+    def __init__(self, settings: DialogueSettings | None = None) -> None:
+        super().__init__(settings)
+        self.store: ConversationStore | None = None
+        self.answerer: Answerer | None = None
+        # One turn at a time per conversation in this replica; other replicas are kept out by the
+        # expected-last-subject-sequence check on every append.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
+        await asyncio.to_thread(textutil.warm_up)
+        self.store = ConversationStore(bus, f"dialogue/{self.settings.instance}")
+        await self.store.setup()
+        s = self.settings
+        self.answerer = Answerer(bus, AnswerSettings(search_k=s.search_k, max_tokens=s.llm_max_tokens,
+                                                     first_chunk_timeout=s.llm_first_chunk_timeout,
+                                                     llm_enabled=s.llm_enabled))
+        await bus.serve("kefu.dialogue.start", turn_pb2.StartConversationRequest, self._start, queue="dialogue")
+        await bus.serve("kefu.dialogue.turn", turn_pb2.TurnRequest, self._turn, queue="dialogue")
+        await bus.serve("kefu.dialogue.get", turn_pb2.GetStateRequest, self._get, queue="dialogue")
+
+    def _lock(self, conversation_id: str) -> asyncio.Lock:
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = self._locks[conversation_id] = asyncio.Lock()
+        return lock
+
+    async def _start(self, req: turn_pb2.StartConversationRequest, _: Msg) -> turn_pb2.StartConversationReply:
+        assert self.store is not None
+        tenant = subject_token(req.tenant)
+        conversation_id = uuid.uuid4().hex
+        await self.store.append(State(conversation_id, tenant), Started(req.visitor_id[:128]))
+        self.log.info("conversation started", tenant=tenant, conversation_id=conversation_id)
+        return turn_pb2.StartConversationReply(conversation_id=conversation_id, tenant=tenant)
+
+    async def _get(self, req: turn_pb2.GetStateRequest, _: Msg) -> turn_pb2.ConversationState:
+        assert self.store is not None
+        cid = subject_token(req.conversation_id)
+        if req.has_at_seq:
+            state = await self.store.state_at(cid, req.at_seq)
+            if state.seq < req.at_seq:
+                raise BadRequest(f"the conversation has no event {req.at_seq} (last is {state.seq})",
+                                 code="invalid_field")
+            return state_to_proto(state)
+        return state_to_proto(await self.store.load(cid))
+
+    async def _turn(self, req: turn_pb2.TurnRequest, _: Msg) -> turn_pb2.TurnReply:
+        assert self.store is not None and self.answerer is not None
+        cid = subject_token(req.conversation_id)
+        text = req.text.strip()
+        if not text:
+            raise BadRequest("text must not be empty", code="missing_field")
+        if len(text) > MAX_TEXT_CHARS:
+            raise BadRequest(f"text is longer than {MAX_TEXT_CHARS} characters", code="invalid_field")
+        cmid = req.client_msg_id[:128]
+        async with self._lock(cid):
+            state, seq = await self._append_visitor(cid, text, cmid)
+            if seq is None:  # a retry of a message that was already answered
+                seq = state.client_msgs[cmid]
+                turn = state.reply_to(seq)
+                assert turn is not None
+                return turn_pb2.TurnReply(seq=seq, replayed=True, reply=turn_pb2.Reply(
+                    text=turn.text, source=turn.source, citations=list(turn.citations)))
+
+            async def emit(delta: str) -> None:
+                await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
+                    conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta))
+
+            answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text,
+                                                kb_min_seq=req.kb_min_seq, emit=emit)
+            await self._append_reply(state, seq, answer)
+        reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
+        await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
+            conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq))
+        self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
+        return turn_pb2.TurnReply(seq=seq, reply=reply)
+
+    async def _append_visitor(self, cid: str, text: str, cmid: str) -> tuple[State, int | None]:
+        """Append the visitor message; (state, None) when ``cmid`` was already answered."""
+        assert self.store is not None
+        for _ in range(APPEND_RETRIES):
+            state = await self.store.load(cid)
+            if cmid and cmid in state.client_msgs:
+                seq = state.client_msgs[cmid]
+                if state.reply_to(seq) is not None:
+                    return state, None
+                return state, seq  # stored but never answered (a crash in between): answer it now
+            try:
+                state, ev = await self.store.append(state, VisitorMessage(text, cmid),
+                                                    msg_id=f"{cid}:{cmid}" if cmid else None)
+                return state, ev.seq
+            except Conflict:
+                continue
+        raise Conflict("the conversation is too busy, try again", code="concurrent_update")
+
+    async def _append_reply(self, state: State, seq: int, answer: Answer) -> None:
+        assert self.store is not None
+        for _ in range(APPEND_RETRIES):
+            try:
+                if answer.handoff and state.mode != "human":
+                    state, _ev = await self.store.append(state, ModeChanged("human", "visitor asked for a human"))
+                await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations), seq))
+                return
+            except Conflict:
+                state = await self.store.load(state.conversation_id)
+        raise Conflict("the conversation is too busy, try again", code="concurrent_update")

@@ -1,0 +1,86 @@
+"""Protobuf at the edge: conversions between the bus payloads and the dialogue's dataclasses."""
+
+from __future__ import annotations
+
+from kefu.dialogue.state import (
+    AgentMessage,
+    Body,
+    BotReply,
+    Event,
+    ModeChanged,
+    OcrResult,
+    SlotSet,
+    Started,
+    State,
+    Turn,
+    VisitorMessage,
+)
+from kefu.proto.bus.v1 import events_pb2, turn_pb2
+from kefu.shared.errors import BadRequest
+
+
+def event_to_proto(ev: Event) -> events_pb2.Event:
+    pb = events_pb2.Event(id=ev.id, conversation_id=ev.conversation_id, tenant=ev.tenant, seq=ev.seq,
+                          ts_ms=ev.ts_ms, writer=ev.writer, lamport=ev.lamport)
+    b = ev.body
+    match b:
+        case Started():
+            pb.started.visitor_id = b.visitor_id
+        case VisitorMessage():
+            pb.visitor_message.text, pb.visitor_message.client_msg_id = b.text, b.client_msg_id
+        case BotReply():
+            pb.bot_reply.text, pb.bot_reply.source, pb.bot_reply.in_reply_to = b.text, b.source, b.in_reply_to
+            pb.bot_reply.citations.extend(b.citations)
+        case AgentMessage():
+            pb.agent_message.agent_id, pb.agent_message.text = b.agent_id, b.text
+        case ModeChanged():
+            pb.mode_changed.mode, pb.mode_changed.reason = b.mode, b.reason
+        case SlotSet():
+            pb.slot_set.name, pb.slot_set.value = b.name, b.value
+        case OcrResult():
+            pb.ocr_result.text, pb.ocr_result.media_id = b.text, b.media_id
+    return pb
+
+
+def event_from_proto(pb: events_pb2.Event) -> Event:
+    kind = pb.WhichOneof("body")
+    body: Body
+    if kind == "started":
+        body = Started(pb.started.visitor_id)
+    elif kind == "visitor_message":
+        body = VisitorMessage(pb.visitor_message.text, pb.visitor_message.client_msg_id)
+    elif kind == "bot_reply":
+        r = pb.bot_reply
+        body = BotReply(r.text, r.source, tuple(r.citations), r.in_reply_to)
+    elif kind == "agent_message":
+        body = AgentMessage(pb.agent_message.agent_id, pb.agent_message.text)
+    elif kind == "mode_changed":
+        body = ModeChanged(pb.mode_changed.mode, pb.mode_changed.reason)
+    elif kind == "slot_set":
+        body = SlotSet(pb.slot_set.name, pb.slot_set.value)
+    elif kind == "ocr_result":
+        body = OcrResult(pb.ocr_result.text, pb.ocr_result.media_id)
+    else:
+        raise BadRequest(f"event {pb.id} has no body", code="invalid_protobuf")
+    return Event(pb.id, pb.conversation_id, pb.tenant, pb.seq, pb.ts_ms, pb.writer, pb.lamport, body)
+
+
+def state_to_proto(s: State) -> turn_pb2.ConversationState:
+    pb = turn_pb2.ConversationState(
+        conversation_id=s.conversation_id, tenant=s.tenant, visitor_id=s.visitor_id, mode=s.mode,
+        seq=max(s.seq, 0), summary=s.summary, created_ms=s.created_ms, updated_ms=s.updated_ms, lamport=s.lamport,
+        stream_seq=s.stream_seq,
+    )
+    for t in s.turns:
+        pb.turns.add(seq=t.seq, role=t.role, text=t.text, source=t.source, citations=list(t.citations),
+                     client_msg_id=t.client_msg_id, in_reply_to=t.in_reply_to)
+    pb.slots.update(s.slots)
+    pb.client_msgs.update(s.client_msgs)
+    return pb
+
+
+def state_from_proto(pb: turn_pb2.ConversationState) -> State:
+    turns = tuple(Turn(t.seq, t.role, t.text, t.source, tuple(t.citations), t.client_msg_id, t.in_reply_to)
+                  for t in pb.turns)
+    return State(pb.conversation_id, pb.tenant, pb.visitor_id, pb.mode or "bot", pb.seq, turns, dict(pb.slots),
+                 pb.summary, pb.created_ms, pb.updated_ms, pb.lamport, pb.stream_seq, dict(pb.client_msgs))

@@ -1,0 +1,127 @@
+"""The answer policy's pure parts: handoff intent, choosing the evidence sentence, building the
+grounded prompt, and checking that a generated sentence keeps the facts and invents none."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kefu.shared.text import content_tokens, facts, has_cjk, split_sentences, tokenize
+
+_HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|^\s*人工\s*[。！!]?\s*$")
+_HANDOFF_EN = re.compile(
+    r"\b(talk|speak|chat|connect|transfer|put)\b.{0,20}\b(human|person|agent|representative|operator|someone)\b"
+    r"|^\s*(human|agent|operator|representative)( please)?\s*[.!]?\s*$|\breal (person|human)\b|\blive agent\b",
+    re.I,
+)
+_CLAUSE = re.compile(r"[，,、：:]")
+# Weight of a query word that also names the document (title): it picks the document, not the fact.
+_TITLE_WEIGHT = 0.2
+
+HANDOFF_TEXT = {"zh": "好的，正在为您转接人工客服，请稍候。", "en": "Sure, I'm connecting you to a human agent. Please wait a moment."}
+HUMAN_MODE_TEXT = {"zh": "已为您转接人工客服，客服会在这里回复您。",
+                   "en": "You are connected to a human agent, who will reply here."}
+NO_ANSWER_TEXT = {
+    "zh": "抱歉，我在知识库中没有找到相关信息。您可以换个说法提问，或输入“转人工”联系人工客服。",
+    "en": "Sorry, I couldn't find that in our knowledge base. Try rephrasing, or type \"human\" to talk to an agent.",
+}
+
+
+def lang(text: str) -> str:
+    return "zh" if has_cjk(text) else "en"
+
+
+def wants_human(text: str) -> bool:
+    """True when the visitor asks for a person (转人工, "talk to a human", ...)."""
+    return bool(_HANDOFF_ZH.search(text) or _HANDOFF_EN.search(text))
+
+
+@dataclass(frozen=True)
+class Passage:
+    doc_id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The sentence that answers the question, where it comes from, and the facts an answer must keep."""
+
+    sentence: str
+    doc_id: str
+    required: frozenset[str]
+    score: float
+
+
+def _weighted_overlap(query: set[str], text: str, title_tokens: set[str]) -> float:
+    hit = query & content_tokens(text)
+    return sum(_TITLE_WEIGHT if t in title_tokens else 1.0 for t in hit)
+
+
+def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
+    """The passage sentence sharing the most meaningful words with ``query`` (None when none shares any).
+
+    The facts an answer must keep come from the sentence's best clause, with words that merely name the
+    document (its title) weighing less: for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月"
+    that is "保修 18 个月", so 18 is required and 1.7 and 199 are not.
+    """
+    q = content_tokens(query)
+    if not q:
+        return None
+    best: tuple[float, int, Evidence] | None = None
+    for rank, p in enumerate(passages):
+        title_tokens = content_tokens(p.title)
+        for sentence in split_sentences(p.text):
+            score = _weighted_overlap(q, sentence, title_tokens) + (_TITLE_WEIGHT if q & title_tokens else 0.0)
+            if score <= _TITLE_WEIGHT:
+                continue
+            clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
+            clause = max(clauses, key=lambda c: (_weighted_overlap(q, c, title_tokens), bool(facts(c))))
+            required = frozenset(facts(clause) - facts(query))
+            # Earlier (better ranked) passages win ties.
+            key = (score, -rank)
+            if best is None or key > best[:2]:
+                best = (score, -rank, Evidence(sentence, p.doc_id, required, score))
+    return best[2] if best else None
+
+
+def build_messages(query: str, passages: list[Passage], evidence: Evidence) -> list[dict[str, str]]:
+    """The grounded prompt: the evidence first, then the other passages, then the question."""
+    refs = [f"- {evidence.sentence}"]
+    refs += [f"- {p.title}: {p.text}" for p in passages[:2]]
+    system = ("You are a customer service assistant. Answer the question in one short sentence using only "
+              "the reference. Keep the exact numbers and names from the reference. "
+              + ("Answer in Chinese." if lang(query) == "zh" else "Answer in English."))
+    user = "Reference:\n" + "\n".join(refs) + f"\n\nQuestion: {query}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence: Evidence, first: bool) -> bool:
+    """Whether a generated sentence may be shown: it invents no number or code, is in the question's
+    language, and (the first sentence) carries the facts that answer the question."""
+    if not sentence.strip():
+        return False
+    known = facts(query) | {f for p in passages for f in facts(p.title + " " + p.text)}
+    said = facts(sentence)
+    if said - known:
+        return False
+    if lang(query) == "zh" and not has_cjk(sentence):
+        return False
+    if first:
+        if evidence.required:
+            return evidence.required <= said
+        return bool(content_tokens(sentence) & content_tokens(evidence.sentence))
+    return bool(set(tokenize(sentence)) & set(tokenize(" ".join(p.text for p in passages))))
+
+
+_COMPLETE = re.compile(r"[。！？!?]|[.;](?=\s)")
+
+
+def split_complete(buffer: str) -> tuple[list[str], str]:
+    """Complete sentences in a growing buffer of generated text, and the unfinished rest."""
+    end = 0
+    for m in _COMPLETE.finditer(buffer):
+        end = m.end()
+    if not end:
+        return [], buffer
+    return split_sentences(buffer[:end]), buffer[end:]

@@ -1,0 +1,130 @@
+"""The conversation log (stream CONV) and its materialized-state cache (KV conv_state)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+
+import nats.errors
+from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.errors import APIError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from kefu.dialogue.codec import event_from_proto, event_to_proto, state_from_proto, state_to_proto
+from kefu.dialogue.state import Body, Event, State, fold, reduce
+from kefu.proto.bus.v1 import events_pb2, turn_pb2
+from kefu.shared.bus import Bus, decode, ensure_kv, ensure_stream
+from kefu.shared.errors import Conflict, NotFound
+from kefu.shared.logging import get_logger
+from kefu.shared.streams import KV_CONV_STATE, STREAM_CONV, conv_stream, conv_subject
+
+log = get_logger("kefu.dialogue.store")
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed Nats-Expected-Last-Subject-Sequence
+
+
+class ConversationStore:
+    """Appends events with optimistic concurrency and loads state (cached, or folded from the log)."""
+
+    def __init__(self, bus: Bus, writer: str) -> None:
+        self.bus = bus
+        self.writer = writer
+        self.kv: KeyValue | None = None
+
+    async def setup(self) -> None:
+        await ensure_stream(self.bus.js, conv_stream())
+        self.kv = await ensure_kv(self.bus.js, KeyValueConfig(bucket=KV_CONV_STATE, history=1,
+                                                             storage=StorageType.FILE))
+
+    async def append(self, state: State, body: Body, *, msg_id: str | None = None) -> tuple[State, Event]:
+        """Append ``body`` as the next event of ``state``'s conversation and return the new state.
+
+        Raises:
+            Conflict: another writer appended first (the caller reloads and retries).
+        """
+        ev = Event(id=uuid.uuid4().hex, conversation_id=state.conversation_id, tenant=state.tenant,
+                   seq=state.seq + 1, ts_ms=int(time.time() * 1000), writer=self.writer,
+                   lamport=state.lamport + 1, body=body)
+        headers = {"Nats-Msg-Id": msg_id or ev.id,
+                   "Nats-Expected-Last-Subject-Sequence": str(state.stream_seq)}
+        try:
+            ack = await self.bus.js.publish(conv_subject(state.tenant, state.conversation_id),
+                                            event_to_proto(ev).SerializeToString(), headers=headers)
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise Conflict("the conversation changed meanwhile", code="concurrent_update") from None
+            raise
+        if ack.duplicate:
+            # The same message id was stored before (a retried request): the log already has it.
+            raise Conflict("duplicate append", code="concurrent_update")
+        new = replace(reduce(state, ev), stream_seq=ack.seq)
+        await self._cache(new)
+        return new, ev
+
+    async def _cache(self, state: State) -> None:
+        assert self.kv is not None
+        try:
+            await self.kv.put(state.conversation_id, state_to_proto(state).SerializeToString())
+        except (nats.errors.Error, APIError) as exc:  # the cache is an optimisation: the log is the truth
+            log.warning("state cache write failed", error=str(exc))
+
+    async def load(self, conversation_id: str) -> State:
+        """The current state: the cached one when it is up to date with the log, else folded anew.
+
+        Raises:
+            NotFound: no such conversation.
+        """
+        assert self.kv is not None
+        cached: State | None = None
+        try:
+            entry = await self.kv.get(conversation_id)
+            if entry.value:
+                cached = state_from_proto(decode(turn_pb2.ConversationState, entry.value))
+        except KeyNotFoundError:
+            pass
+        subject, count, last_seq = await self._locate(conversation_id, cached.tenant if cached else None)
+        if cached is not None and cached.stream_seq == last_seq:
+            return cached
+        if not count:
+            raise NotFound(f"conversation {conversation_id} does not exist", code="unknown_conversation")
+        tenant = subject.split(".")[2]
+        events, stream_seq = await self.read(subject, count)
+        state = replace(fold(conversation_id, tenant, events), stream_seq=stream_seq)
+        await self._cache(state)
+        return state
+
+    async def state_at(self, conversation_id: str, at_seq: int) -> State:
+        """The state right after event ``at_seq`` (time travel), folded from the log."""
+        current = await self.load(conversation_id)
+        subject = conv_subject(current.tenant, conversation_id)
+        events, _ = await self.read(subject, current.seq + 1)
+        return fold(conversation_id, current.tenant, events, at_seq=at_seq)
+
+    async def _locate(self, conversation_id: str, tenant: str | None) -> tuple[str, int, int]:
+        """(subject, number of events, stream sequence of the last one)."""
+        pattern = conv_subject(tenant, conversation_id) if tenant else f"kefu.conv.*.{conversation_id}"
+        info = await self.bus.js.stream_info(STREAM_CONV, subjects_filter=pattern)
+        subjects = info.state.subjects or {}
+        if not subjects:
+            return pattern, 0, 0
+        subject, count = next(iter(subjects.items()))
+        last = await self.bus.js.get_last_msg(STREAM_CONV, subject)
+        return subject, count, last.seq or 0
+
+    async def read(self, subject: str, count: int) -> tuple[list[Event], int]:
+        """All events on ``subject`` in order, and the stream sequence of the last one."""
+        sub = await self.bus.js.subscribe(subject, stream=STREAM_CONV, ordered_consumer=True,
+                                          deliver_policy=DeliverPolicy.ALL)
+        events: list[Event] = []
+        stream_seq = 0
+        try:
+            while len(events) < count:
+                msg = await sub.next_msg(timeout=5)
+                events.append(event_from_proto(decode(events_pb2.Event, msg.data)))
+                stream_seq = msg.metadata.sequence.stream
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return events, stream_seq

@@ -1,0 +1,1 @@
+"""kefu gateway: the public HTTP, SSE, WebSocket and gRPC API; talks to the other services only over NATS."""

@@ -1,0 +1,75 @@
+"""The gateway service: HTTP/SSE/WebSocket (aiohttp) and gRPC in front of the bus."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+from aiohttp import web
+from pydantic import Field
+
+from kefu.gateway.auth import Auth
+from kefu.gateway.core import Core
+from kefu.gateway.grpc_api import start_grpc
+from kefu.gateway.http import HttpApi
+from kefu.gateway.ratelimit import RateLimiter
+from kefu.shared.bus import Bus
+from kefu.shared.config import KefuSettings, admin_token, signing_secret
+from kefu.shared.service import Service
+
+BACKEND_SERVICES = "dialogue,retrieval,inference,plugins"
+
+
+class GatewaySettings(KefuSettings):
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    # The services /readyz waits for (comma-separated).
+    ready_services: str = BACKEND_SERVICES
+    turn_timeout: float = Field(default=90.0, gt=0)
+    visitor_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
+    rate_messages_per_second: float = Field(default=2.0, gt=0)
+    rate_messages_burst: float = Field(default=20.0, ge=1)
+    rate_starts_per_second: float = Field(default=20.0, gt=0)
+    rate_starts_burst: float = Field(default=200.0, ge=1)
+    grpc_grace: float = Field(default=5.0, ge=0)
+
+
+class GatewayService(Service):
+    name = "gateway"
+    settings_class = GatewaySettings
+    settings: GatewaySettings
+
+    def __init__(self, settings: GatewaySettings | None = None) -> None:
+        super().__init__(settings)
+        self.http_port = 0
+        self.grpc_port = 0
+
+    async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
+        s = self.settings
+        auth = Auth(admin_token(s.data_dir), signing_secret(s.data_dir), s.visitor_token_ttl)
+        services = [x.strip() for x in s.ready_services.split(",") if x.strip()]
+        core = Core(bus, turn_timeout=s.turn_timeout, services=services)
+        await core.setup()
+        api = HttpApi(core, auth, message_limiter=RateLimiter(s.rate_messages_per_second, s.rate_messages_burst),
+                      start_limiter=RateLimiter(s.rate_starts_per_second, s.rate_starts_burst))
+        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
+        await runner.setup()
+        site = web.TCPSite(runner, s.http_host, s.http_port)
+        await site.start()
+        stack.push_async_callback(runner.cleanup)
+        self.http_port = runner.addresses[0][1]
+        server, self.grpc_port, health = await start_grpc(core, auth, f"{s.grpc_host}:{s.grpc_port}")
+
+        async def stop_grpc() -> None:
+            # Health goes NOT_SERVING first so balancers stop sending; in-flight calls get a grace period.
+            await health.enter_graceful_shutdown()
+            await server.stop(s.grpc_grace)
+
+        stack.push_async_callback(stop_grpc)
+        self.log.info("listening", http=f"http://{s.http_host}:{self.http_port}", grpc=f"{s.grpc_host}:{self.grpc_port}")
+
+    def health_details(self) -> dict[str, str]:
+        return {"http_port": str(self.http_port), "grpc_port": str(self.grpc_port)}
+
+

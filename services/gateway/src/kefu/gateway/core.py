@@ -1,0 +1,175 @@
+"""What the gateway asks of the other services, shared by HTTP, WebSocket and gRPC handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+
+from kefu.proto.bus.v1 import common_pb2, retrieval_pb2, turn_pb2
+from kefu.shared.bus import Bus, decode, ensure_stream, subject_token
+from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, PayloadTooLarge, Unavailable
+from kefu.shared.service import health_subject
+from kefu.shared.streams import MAX_DOCUMENT_BYTES, kb_stream, kb_subject, out_subject
+
+MAX_MESSAGE_CHARS = 4000
+MAX_TITLE_CHARS = 512
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Final:
+    reply: turn_pb2.TurnReply
+
+
+class Core:
+    """The gateway's view of kefu: conversations via dialogue, knowledge via stream KB and retrieval."""
+
+    def __init__(self, bus: Bus, *, turn_timeout: float, services: list[str]) -> None:
+        self.bus = bus
+        self.turn_timeout = turn_timeout
+        self.services = services
+        # Highest KB sequence this gateway has stored: searches and answers wait for retrieval to reach it.
+        self.kb_seq = 0
+
+    async def setup(self) -> None:
+        await ensure_stream(self.bus.js, kb_stream())
+
+    # Knowledge
+
+    async def upsert_document(self, tenant: str, doc_id: str, title: str, text: str,
+                              metadata: dict[str, str]) -> int:
+        subject_token(tenant), subject_token(doc_id)
+        if len(title) > MAX_TITLE_CHARS:
+            raise BadRequest(f"title is longer than {MAX_TITLE_CHARS} characters", code="invalid_field")
+        doc = retrieval_pb2.Document(tenant=tenant, doc_id=doc_id, title=title, text=text,
+                                     updated_ms=int(time.time() * 1000))
+        doc.metadata.update({str(k)[:128]: str(v)[:1024] for k, v in metadata.items()})
+        data = doc.SerializeToString()
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise PayloadTooLarge(f"documents are limited to {MAX_DOCUMENT_BYTES} bytes")
+        return await self._store_kb(kb_subject(tenant, doc_id), data)
+
+    async def delete_document(self, tenant: str, doc_id: str) -> int:
+        subject_token(tenant), subject_token(doc_id)
+        tombstone = retrieval_pb2.Document(tenant=tenant, doc_id=doc_id, deleted=True,
+                                           updated_ms=int(time.time() * 1000))
+        return await self._store_kb(kb_subject(tenant, doc_id), tombstone.SerializeToString())
+
+    async def _store_kb(self, subject: str, data: bytes) -> int:
+        try:
+            ack = await self.bus.js.publish(subject, data, timeout=5)
+        except Exception as exc:
+            raise Unavailable(f"the knowledge store did not confirm the write: {exc}") from None
+        self.kb_seq = max(self.kb_seq, ack.seq)
+        return int(ack.seq)
+
+    async def search(self, tenant: str, query: str, k: int) -> retrieval_pb2.SearchReply:
+        subject_token(tenant)
+        return await self.bus.request("kefu.retrieval.search", retrieval_pb2.SearchRequest(
+            tenant=tenant, query=query[:MAX_MESSAGE_CHARS], k=k, min_kb_seq=self.kb_seq), retrieval_pb2.SearchReply)
+
+    # Conversations
+
+    async def start_conversation(self, tenant: str, visitor_id: str) -> str:
+        subject_token(tenant)
+        reply = await self.bus.request("kefu.dialogue.start", turn_pb2.StartConversationRequest(
+            tenant=tenant, visitor_id=visitor_id), turn_pb2.StartConversationReply)
+        return reply.conversation_id
+
+    async def get_state(self, conversation_id: str, at_seq: int | None = None) -> turn_pb2.ConversationState:
+        req = turn_pb2.GetStateRequest(conversation_id=subject_token(conversation_id))
+        if at_seq is not None:
+            req.has_at_seq, req.at_seq = True, at_seq
+        return await self.bus.request("kefu.dialogue.get", req, turn_pb2.ConversationState)
+
+    async def send_message(self, conversation_id: str, text: str, client_msg_id: str = "") -> AsyncIterator[Delta | Final]:
+        """Deltas of the reply as dialogue produces them, then the final reply."""
+        subject_token(conversation_id)
+        if not text.strip():
+            raise BadRequest("text must not be empty", code="missing_field")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise BadRequest(f"text is longer than {MAX_MESSAGE_CHARS} characters", code="invalid_field")
+        turn_id = uuid.uuid4().hex
+        events: asyncio.Queue[turn_pb2.OutEvent] = asyncio.Queue()
+
+        async def on_out(msg: Msg) -> None:
+            with contextlib.suppress(KefuError):
+                ev = decode(turn_pb2.OutEvent, msg.data)
+                if ev.turn_id == turn_id:
+                    events.put_nowait(ev)
+
+        sub = await self.bus.nc.subscribe(out_subject(conversation_id), cb=on_out)
+        request = asyncio.create_task(self.bus.request(
+            "kefu.dialogue.turn",
+            turn_pb2.TurnRequest(conversation_id=conversation_id, text=text, client_msg_id=client_msg_id[:128],
+                                 turn_id=turn_id, kb_min_seq=self.kb_seq),
+            turn_pb2.TurnReply, timeout=self.turn_timeout))
+        try:
+            while not request.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, request}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    ev = getter.result()
+                    if ev.kind == "delta":
+                        yield Delta(ev.text)
+                else:
+                    getter.cancel()
+            reply = request.result()
+            if reply.replayed:
+                yield Delta(reply.reply.text)
+            else:
+                # Deltas and the reply event travel on another subscription: take the ones still queued.
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    try:
+                        ev = await asyncio.wait_for(events.get(), deadline - time.monotonic())
+                    except TimeoutError:
+                        break
+                    if ev.kind == "delta":
+                        yield Delta(ev.text)
+                    elif ev.kind == "reply":
+                        break
+            yield Final(reply)
+        finally:
+            if not request.done():
+                request.cancel()  # the turn still completes and is recorded by dialogue
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def reply(self, conversation_id: str, text: str, client_msg_id: str = "") -> turn_pb2.TurnReply:
+        final = None
+        async for item in self.send_message(conversation_id, text, client_msg_id):
+            if isinstance(item, Final):
+                final = item.reply
+        assert final is not None
+        return final
+
+    # Readiness
+
+    async def readiness(self, timeout: float = 2.0) -> dict[str, str]:
+        """service -> "ok", or the reason it is not ready."""
+
+        async def probe(name: str) -> str:
+            try:
+                reply = await self.bus.request(health_subject(name), common_pb2.HealthRequest(),
+                                               common_pb2.HealthReply, timeout=timeout)
+                return reply.status or "unknown"
+            except Unavailable:
+                return "not running"
+            except DeadlineExceeded:
+                return "not answering"
+            except KefuError as exc:
+                return exc.code
+
+        results = await asyncio.gather(*(probe(s) for s in self.services))
+        return dict(zip(self.services, results, strict=True))

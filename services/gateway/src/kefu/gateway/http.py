@@ -1,0 +1,311 @@
+"""The HTTP, SSE and WebSocket API of CONTRACT.md (aiohttp)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from kefu.gateway.auth import Auth, bearer
+from kefu.gateway.core import Core, Delta, Final
+from kefu.gateway.ratelimit import RateLimiter
+from kefu.proto.bus.v1 import turn_pb2
+from kefu.shared.errors import BadRequest, Internal, KefuError, PayloadTooLarge, RateLimited, Unauthenticated
+from kefu.shared.logging import get_logger
+from kefu.shared.streams import out_subject
+
+log = get_logger("kefu.gateway.http")
+
+JSON_LIMIT = 64 * 1024
+DOCUMENT_LIMIT = 5 * 1024 * 1024
+# Bodies up to this size are read to the end before a 413, so the client gets the answer instead of a reset.
+DRAIN_LIMIT = 32 * 1024 * 1024
+MAX_K = 50
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: KefuError) -> web.Response:
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.json_response(exc.to_json(), status=exc.http_status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes the CONTRACT error JSON; nothing escapes as a bare 500."""
+    try:
+        return await handler(request)
+    except KefuError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "bad_request")
+        return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unhandled error", path=request.path)
+        return error_response(Internal("internal error"))
+
+
+async def read_json(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, Any]:
+    """The JSON object in the body, with typed errors for every way it can be wrong."""
+    if request.content_length is not None and request.content_length > DRAIN_LIMIT:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    body = bytearray()
+    while chunk := await request.content.read(65536):
+        if len(body) <= limit:
+            body += chunk
+        elif request.content_length is None and len(body) > DRAIN_LIMIT:
+            break
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not valid UTF-8", code="invalid_utf8") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return value
+
+
+def field(body: dict[str, Any], name: str, *, required: bool = True, kind: type = str, default: Any = None) -> Any:
+    if name not in body or body[name] is None:
+        if required:
+            raise BadRequest(f"missing field {name!r}", code="missing_field")
+        return default
+    value = body[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BadRequest(f"field {name!r} must be a {kind.__name__}", code="invalid_field")
+    return value
+
+
+def state_json(s: turn_pb2.ConversationState) -> dict[str, Any]:
+    turns = []
+    for t in s.turns:
+        turn: dict[str, Any] = {"seq": t.seq, "role": t.role, "text": t.text}
+        if t.source:
+            turn["source"] = t.source
+        if t.citations:
+            turn["citations"] = list(t.citations)
+        turns.append(turn)
+    return {"conversation_id": s.conversation_id, "tenant": s.tenant, "mode": s.mode or "bot", "seq": s.seq,
+            "turns": turns, "slots": dict(s.slots), "summary": s.summary}
+
+
+def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:
+    return {"seq": r.seq, "reply": {"text": r.reply.text, "source": r.reply.source,
+                                    "citations": list(r.reply.citations)}}
+
+
+class HttpApi:
+    def __init__(self, core: Core, auth: Auth, *, message_limiter: RateLimiter, start_limiter: RateLimiter) -> None:
+        self.core = core
+        self.auth = auth
+        self.message_limiter = message_limiter
+        self.start_limiter = start_limiter
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[errors_middleware], client_max_size=DOCUMENT_LIMIT)
+        app.add_routes([
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.put("/v1/tenants/{tenant}/documents/{doc_id}", self.put_document),
+            web.delete("/v1/tenants/{tenant}/documents/{doc_id}", self.delete_document),
+            web.get("/v1/tenants/{tenant}/search", self.search),
+            web.post("/v1/tenants/{tenant}/conversations", self.start_conversation),
+            web.post("/v1/conversations/{cid}/messages", self.post_message),
+            web.get("/v1/conversations/{cid}", self.get_conversation),
+            web.get("/v1/conversations/{cid}/state", self.get_state_at),
+            web.get("/v1/ws", self.visitor_ws),
+        ])
+        return app
+
+    def _token(self, request: web.Request) -> str | None:
+        return bearer(request.headers.get("Authorization"))
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        services = await self.core.readiness()
+        ready = all(v == "ok" for v in services.values())
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "services": services}
+        if not ready:
+            waiting = ", ".join(k for k, v in services.items() if v != "ok")
+            body["error"] = {"code": "unavailable", "message": f"not ready: {waiting}"}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def put_document(self, request: web.Request) -> web.Response:
+        self.auth.require_admin(self._token(request))
+        body = await read_json(request, DOCUMENT_LIMIT)
+        title = field(body, "title", required=False, default="")
+        text = field(body, "text")
+        metadata = field(body, "metadata", required=False, kind=dict, default={})
+        tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
+        version = await self.core.upsert_document(tenant, doc_id, title, text, metadata)
+        return web.json_response({"doc_id": doc_id, "version": version})
+
+    async def delete_document(self, request: web.Request) -> web.Response:
+        self.auth.require_admin(self._token(request))
+        tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
+        version = await self.core.delete_document(tenant, doc_id)
+        return web.json_response({"doc_id": doc_id, "deleted": True, "version": version})
+
+    async def search(self, request: web.Request) -> web.Response:
+        self.auth.require_admin(self._token(request))
+        query = request.query.get("q", "")
+        try:
+            k = int(request.query.get("k", "5"))
+        except ValueError:
+            raise BadRequest("k must be an integer", code="invalid_field") from None
+        if not 1 <= k <= MAX_K:
+            raise BadRequest(f"k must be between 1 and {MAX_K}", code="invalid_field")
+        found = await self.core.search(request.match_info["tenant"], query, k)
+        hits = [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text,
+                 "score": round(h.score, 6)} for h in found.hits]
+        return web.json_response({"hits": hits})
+
+    async def start_conversation(self, request: web.Request) -> web.Response:
+        self.start_limiter.check(request.remote or "")
+        body = await read_json(request) if request.can_read_body else {}
+        visitor_id = field(body, "visitor_id", required=False, default="")
+        tenant = request.match_info["tenant"]
+        cid = await self.core.start_conversation(tenant, visitor_id)
+        token = self.auth.issue_visitor(cid, tenant)
+        return web.json_response({"conversation_id": cid, "visitor_token": token}, status=201)
+
+    async def post_message(self, request: web.Request) -> web.StreamResponse:
+        cid = request.match_info["cid"]
+        self.auth.require_conversation(self._token(request), cid, admin_ok=False)
+        body = await read_json(request)
+        text = field(body, "text")
+        cmid = field(body, "client_msg_id", required=False, default="")
+        self.message_limiter.check(cid)
+        if "text/event-stream" in request.headers.get("Accept", ""):
+            return await self._stream_reply(request, cid, text, cmid)
+        return web.json_response(reply_json(await self.core.reply(cid, text, cmid)))
+
+    async def _stream_reply(self, request: web.Request, cid: str, text: str, cmid: str) -> web.StreamResponse:
+        stream = self.core.send_message(cid, text, cmid)
+        # The first item is awaited before the 200 goes out, so an early error is still a proper status.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise Internal("no reply") from None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+
+        async def send(item: Delta | Final) -> None:
+            if isinstance(item, Delta):
+                event, data = "delta", {"text": item.text}
+            else:
+                event, data = "done", reply_json(item.reply)
+            await resp.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
+
+        try:
+            await send(first)
+            async for item in stream:
+                await send(item)
+        except KefuError as exc:
+            err = {"code": exc.code, "message": exc.message}
+            await resp.write(f"event: error\ndata: {json.dumps(err, ensure_ascii=False)}\n\n".encode())
+        finally:
+            await stream.aclose()
+        await resp.write_eof()
+        return resp
+
+    async def get_conversation(self, request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        self.auth.require_conversation(self._token(request), cid, admin_ok=True)
+        return web.json_response(state_json(await self.core.get_state(cid)))
+
+    async def get_state_at(self, request: web.Request) -> web.Response:
+        self.auth.require_admin(self._token(request))
+        raw = request.query.get("at_seq")
+        if raw is None:
+            raise BadRequest("missing query parameter at_seq", code="missing_field")
+        try:
+            at_seq = int(raw)
+        except ValueError:
+            raise BadRequest("at_seq must be an integer", code="invalid_field") from None
+        if at_seq < 0:
+            raise BadRequest("at_seq must not be negative", code="invalid_field")
+        return web.json_response(state_json(await self.core.get_state(request.match_info["cid"], at_seq)))
+
+    async def visitor_ws(self, request: web.Request) -> web.StreamResponse:
+        token = request.query.get("token") or self._token(request)
+        if not token:
+            raise Unauthenticated("a visitor token is required (?token=)")
+        grant = self.auth.verify_visitor(token)
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=JSON_LIMIT)
+        await ws.prepare(request)
+        cid = grant.conversation_id
+        send_lock = asyncio.Lock()
+
+        async def send(obj: dict[str, Any]) -> None:
+            async with send_lock:
+                if not ws.closed:
+                    await ws.send_str(json.dumps(obj, ensure_ascii=False))
+
+        async def on_out(msg: Any) -> None:
+            with contextlib.suppress(Exception):
+                ev = turn_pb2.OutEvent.FromString(msg.data)
+                if ev.kind == "agent_message":
+                    await send({"type": "agent_message", "text": ev.text})
+
+        sub = await self.core.bus.nc.subscribe(out_subject(cid), cb=on_out)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def handle(text: str, cmid: str) -> None:
+            try:
+                self.message_limiter.check(cid)
+                async for item in self.core.send_message(cid, text, cmid):
+                    if isinstance(item, Delta):
+                        await send({"type": "delta", "text": item.text})
+                    else:
+                        await send({"type": "reply", **reply_json(item.reply)})
+            except KefuError as exc:
+                await send({"type": "error", "code": exc.code, "message": exc.message})
+
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    if msg.type == WSMsgType.BINARY:
+                        await send({"type": "error", "code": "bad_request", "message": "send JSON text frames"})
+                    continue
+                try:
+                    data = json.loads(msg.data)
+                    if not isinstance(data, dict):
+                        raise BadRequest("a frame must be a JSON object", code="invalid_json")
+                    if data.get("type") != "message":
+                        raise BadRequest("unknown frame type (expected \"message\")", code="invalid_field")
+                    text = field(data, "text")
+                    cmid = field(data, "client_msg_id", required=False, default="")
+                except ValueError:
+                    await send({"type": "error", "code": "invalid_json", "message": "the frame is not valid JSON"})
+                    continue
+                except KefuError as exc:
+                    await send({"type": "error", "code": exc.code, "message": exc.message})
+                    continue
+                task = asyncio.create_task(handle(text, cmid))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return ws

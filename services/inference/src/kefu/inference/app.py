@@ -1,0 +1,148 @@
+"""The inference service: pulls generation jobs from the LLM work queue when it has a free slot and
+streams the chunks to each job's inbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack, suppress
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+from pydantic import Field
+
+from kefu.inference.backend import GenerationParams, LlamaCppBackend
+from kefu.proto.bus.v1 import llm_pb2
+from kefu.shared.bus import Bus, decode, ensure_stream
+from kefu.shared.config import KefuSettings
+from kefu.shared.errors import KefuError
+from kefu.shared.models import DEFAULT_LLM, resolve
+from kefu.shared.service import Service
+from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_stream
+
+CONSUMER = "inference"
+
+
+class InferenceSettings(KefuSettings):
+    llm_model: str = ""
+    llm_threads: int = Field(default=2, ge=1)
+    llm_ctx: int = Field(default=2048, ge=256)
+    # Jobs this replica runs at once; llama.cpp holds one sequence per context.
+    llm_slots: int = Field(default=1, ge=1)
+    llm_ack_wait: float = Field(default=120.0, gt=0)
+
+
+class InferenceService(Service):
+    name = "inference"
+    settings_class = InferenceSettings
+    settings: InferenceSettings
+
+    def __init__(self, settings: InferenceSettings | None = None) -> None:
+        super().__init__(settings)
+        self.backend: LlamaCppBackend | None = None
+        self.cancelled: set[str] = set()
+        self.jobs_done = 0
+
+    async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
+        path = resolve(DEFAULT_LLM, self.settings.data_dir, self.settings.llm_model)
+        self.backend = await asyncio.to_thread(LlamaCppBackend, path, n_ctx=self.settings.llm_ctx,
+                                               threads=self.settings.llm_threads)
+        self.log.info("model loaded", model=path.name)
+        await ensure_stream(bus.js, llm_stream())
+        psub = await bus.js.pull_subscribe(
+            LLM_GENERATE, durable=CONSUMER, stream=STREAM_LLM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.llm_ack_wait,
+                                  max_deliver=3, max_ack_pending=-1),
+        )
+        cancel_sub = await bus.nc.subscribe(LLM_CANCEL, cb=self._on_cancel)
+        stack.push_async_callback(cancel_sub.unsubscribe)
+        workers = [asyncio.create_task(self._worker(bus, psub)) for _ in range(self.settings.llm_slots)]
+
+        async def stop_workers() -> None:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+        stack.push_async_callback(stop_workers)
+
+    def health_details(self) -> dict[str, str]:
+        return {"model": self.backend.path.name if self.backend else "", "jobs_done": str(self.jobs_done)}
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        job_id = msg.data.decode(errors="replace")
+        self.cancelled.add(job_id)
+        asyncio.get_running_loop().call_later(300, self.cancelled.discard, job_id)
+
+    async def _worker(self, bus: Bus, psub: object) -> None:
+        # A worker asks for a job only when it is free: ready-worker balancing across replicas.
+        while True:
+            try:
+                msgs = await psub.fetch(1, timeout=5)  # type: ignore[attr-defined]
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # broker restarting: try again shortly
+                self.log.warning("fetch failed", error=str(exc))
+                await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                try:
+                    await self._run_job(bus, msg)
+                finally:
+                    with suppress(Exception):
+                        await msg.ack()
+
+    async def _run_job(self, bus: Bus, msg: Msg) -> None:
+        try:
+            job = decode(llm_pb2.GenerateRequest, msg.data)
+        except KefuError as exc:
+            self.log.warning("dropped malformed job", error=exc.message)
+            return
+        if not job.reply_inbox:
+            self.log.warning("dropped job without reply inbox", job_id=job.job_id)
+            return
+        if job.deadline_ms and job.deadline_ms < time.time() * 1000:
+            self.log.info("dropped expired job", job_id=job.job_id)
+            return
+        assert self.backend is not None
+        backend = self.backend
+        params = GenerationParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+                                  seed=job.seed, stop=list(job.stop))
+        messages = [{"role": m.role, "content": m.content} for m in job.messages
+                    if m.role in ("system", "user", "assistant")]
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        deadline = job.deadline_ms / 1000 if job.deadline_ms else time.time() + 300
+
+        def cancelled() -> bool:
+            return job.job_id in self.cancelled or time.time() > deadline
+
+        def produce() -> None:
+            try:
+                for piece in backend.generate(messages, params, cancelled):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except Exception as exc:  # reported to the requester, never swallowed
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        producer = loop.run_in_executor(None, produce)
+        index = 0
+        t0 = time.perf_counter()
+        while (item := await queue.get()) is not None:
+            if isinstance(item, Exception):
+                self.log.error("generation failed", job_id=job.job_id, error=str(item))
+                await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
+                    job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="internal",
+                    error_message="generation failed"))
+                break
+            chunk = llm_pb2.GenerateChunk(job_id=job.job_id, index=index, text=item.text,  # type: ignore[attr-defined]
+                                          done=bool(item.finish_reason),  # type: ignore[attr-defined]
+                                          finish_reason=item.finish_reason,  # type: ignore[attr-defined]
+                                          completion_tokens=item.completion_tokens)  # type: ignore[attr-defined]
+            await bus.publish(job.reply_inbox, chunk)
+            index += 1
+        await producer
+        self.jobs_done += 1
+        self.log.info("job done", job_id=job.job_id, chunks=index, s=round(time.perf_counter() - t0, 2))

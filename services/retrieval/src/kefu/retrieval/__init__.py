@@ -1,0 +1,1 @@
+"""kefu retrieval service: the knowledge base (stream KB), chunking, embeddings, faiss + BM25 search."""

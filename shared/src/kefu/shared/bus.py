@@ -1,0 +1,224 @@
+"""NATS helpers: connect with reconnect, protobuf request/reply with a deadline and typed errors,
+served handlers that never leave a request hanging, streaming to an inbox, and idempotent JetStream
+set-up of streams, KV buckets and object stores.
+
+Subjects (see protos/kefu/bus/v1 for the payloads)::
+
+    kefu.health.<service>            HealthRequest -> HealthReply (every replica)
+    kefu.dialogue.{start,turn,get}   queue group "dialogue"
+    kefu.retrieval.search            queue group "retrieval"
+    kefu.llm.generate                JetStream work queue LLM, chunks to the job's inbox
+    kefu.plugins.{list,call}         queue group "plugins"
+    kefu.out.<conversation>          reply deltas and agent messages for the gateway
+    kefu.conv.<tenant>.<conversation>  stream CONV (events)
+    kefu.kb.<tenant>.doc.<doc_id>      stream KB (documents, one message per subject)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from kefu.shared.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    Internal,
+    KefuError,
+    Unavailable,
+    from_headers,
+)
+from kefu.shared.logging import get_logger
+
+log = get_logger("kefu.bus")
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[Any, Msg], Awaitable[Message]]
+
+
+def subject_token(value: str) -> str:
+    """Validate ``value`` for use as one token of a subject (tenant, conversation or document id)."""
+    if not value or len(value) > 128 or any(c in value for c in ". *>\t\r\n") or not value.isprintable():
+        raise BadRequest(f"invalid identifier {value[:40]!r}: use 1-128 characters without spaces, '.', '*' or '>'",
+                         code="invalid_field")
+    return value
+
+
+class Bus:
+    """A NATS connection with kefu's conventions (protobuf payloads, typed errors, deadlines).
+
+    Args:
+        nc: A connected client.
+        default_timeout: Deadline in seconds for :meth:`request` when none is given.
+    """
+
+    def __init__(self, nc: NATS, default_timeout: float = 10.0) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.default_timeout = default_timeout
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def connect(cls, servers: list[str], name: str, *, default_timeout: float = 10.0,
+                      connect_timeout: float = 60.0) -> Bus:
+        """Connect, retrying until ``connect_timeout``; once connected, reconnect forever."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=str(exc))
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected")
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                    error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+                    connect_timeout=2, allow_reconnect=True,
+                )
+                return cls(nc, default_timeout)
+            except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+                if loop.time() + delay > deadline:
+                    raise Unavailable(f"cannot reach NATS at {','.join(servers)}: {exc}") from exc
+                log.info("waiting for nats", servers=servers)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def close(self) -> None:
+        """Drain subscriptions (in-flight handlers finish) and close."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def request(self, subject: str, msg: Message, reply_type: type[M], *,
+                      timeout: float | None = None, headers: dict[str, str] | None = None) -> M:
+        """Send ``msg`` and decode the reply as ``reply_type``.
+
+        Raises:
+            Unavailable: nobody serves ``subject``.
+            DeadlineExceeded: no reply within ``timeout``.
+            KefuError: the error the serving side raised.
+        """
+        try:
+            reply = await self.nc.request(subject, msg.SerializeToString(), timeout=timeout or self.default_timeout,
+                                          headers=headers)
+        except nats.errors.NoRespondersError:
+            raise Unavailable(f"no service answers {subject}", code="service_unavailable") from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise DeadlineExceeded(f"{subject} did not answer in time") from None
+        except nats.errors.ConnectionClosedError:
+            raise Unavailable("the message bus is not connected", code="service_unavailable") from None
+        error = from_headers(reply.headers)
+        if error is not None:
+            raise error
+        return decode(reply_type, reply.data)
+
+    async def serve(self, subject: str, request_type: type[M], handler: Callable[[M, Msg], Awaitable[Message]], *,
+                    queue: str = "", max_inflight: int = 256) -> Subscription:
+        """Answer requests on ``subject`` with ``handler``, each in its own task.
+
+        A :class:`KefuError` becomes an error reply; any other exception is logged and answered as
+        ``internal``, so a requester never waits for a reply that will not come.
+        """
+        slots = asyncio.Semaphore(max_inflight)
+
+        async def run(msg: Msg) -> None:
+            async with slots:
+                try:
+                    req = decode(request_type, msg.data)
+                    reply = await handler(req, msg)
+                    if msg.reply:
+                        await msg.respond(reply.SerializeToString())
+                except KefuError as exc:
+                    await self._respond_error(msg, exc)
+                except Exception:
+                    log.exception("handler failed", subject=subject)
+                    await self._respond_error(msg, Internal("internal error"))
+
+        async def on_msg(msg: Msg) -> None:
+            task = asyncio.create_task(run(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def _respond_error(self, msg: Msg, exc: KefuError) -> None:
+        if not msg.reply:
+            return
+        with contextlib.suppress(Exception):
+            await self.nc.publish(msg.reply, b"", headers=exc.to_headers())
+
+    async def publish(self, subject: str, msg: Message, headers: dict[str, str] | None = None) -> None:
+        """Publish a protobuf message on core NATS (fire and forget)."""
+        await self.nc.publish(subject, msg.SerializeToString(), headers=headers)
+
+    @contextlib.asynccontextmanager
+    async def inbox(self) -> AsyncIterator[tuple[str, Subscription]]:
+        """A fresh inbox subscription for streamed replies; unsubscribed on exit."""
+        subject = self.nc.new_inbox()
+        sub = await self.nc.subscribe(subject)
+        try:
+            yield subject, sub
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+def decode(message_type: type[M], data: bytes) -> M:
+    """Parse ``data`` as ``message_type``; malformed bytes raise :class:`BadRequest` (invalid_protobuf)."""
+    msg = message_type()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise BadRequest(f"malformed {message_type.DESCRIPTOR.name}: {exc}", code="invalid_protobuf") from None
+    return msg
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or update it to ``config`` when it exists: safe to call at every start-up."""
+    try:
+        await js.stream_info(config.name or "")
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except nats.js.errors.BadRequestError:
+            pass  # another replica created it in between
+    await js.update_stream(config)
+
+
+async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The KV bucket ``config.bucket``, created on first use."""
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(config)
+
+
+async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -> ObjectStore:
+    """The object store ``config.bucket``, created on first use."""
+    try:
+        return await js.object_store(config.bucket or "")
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_object_store(config=config)

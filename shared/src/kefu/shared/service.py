@@ -1,0 +1,83 @@
+"""The life of a kefu service process: settings, logging, the bus, start-up, health, graceful stop.
+
+A service implements :class:`Service`; its ``__main__`` is ``asyncio.run(run_service(MyService()))``.
+Heavy things (models, indexes) load in :meth:`Service.start`, never at import, and the health
+responder is subscribed only after ``start`` returns, so "healthy" means "ready to answer".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from contextlib import AsyncExitStack
+from typing import ClassVar
+
+from nats.aio.msg import Msg
+
+from kefu.proto.bus.v1 import common_pb2
+from kefu.shared import __version__
+from kefu.shared.bus import Bus
+from kefu.shared.config import KefuSettings, load_settings
+from kefu.shared.logging import configure_logging, get_logger
+
+
+def health_subject(service: str) -> str:
+    return f"kefu.health.{service}"
+
+
+class Service:
+    """Base class of the five services.
+
+    Attributes:
+        name: The service name (subject ``kefu.health.<name>``, log field ``service``).
+        settings_class: The service's Settings class.
+    """
+
+    name: ClassVar[str] = "service"
+    settings_class: ClassVar[type[KefuSettings]] = KefuSettings
+
+    def __init__(self, settings: KefuSettings | None = None) -> None:
+        self.settings = settings or load_settings(self.settings_class)
+        self.log = get_logger(f"kefu.{self.name}")
+        self.bus: Bus | None = None
+        self.started_at = 0.0
+
+    async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
+        """Load what the service needs and subscribe; register clean-ups on ``stack``."""
+
+    def health_details(self) -> dict[str, str]:
+        """Extra fields for the health reply (loaded model, applied sequence, ...)."""
+        return {}
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        """Connect, start, answer health checks until ``stop`` is set, then shut down in order."""
+        async with AsyncExitStack() as stack:
+            bus = await Bus.connect(self.settings.nats_servers, f"kefu-{self.name}-{self.settings.instance}",
+                                    default_timeout=self.settings.request_timeout)
+            self.bus = bus
+            stack.push_async_callback(bus.close)
+            t0 = time.monotonic()
+            await self.start(bus, stack)
+            self.started_at = time.time()
+            await bus.serve(health_subject(self.name), common_pb2.HealthRequest, self._health)
+            self.log.info("ready", startup_s=round(time.monotonic() - t0, 2), instance=self.settings.instance)
+            await stop.wait()
+            self.log.info("stopping")
+        self.log.info("stopped")
+
+    async def _health(self, _: common_pb2.HealthRequest, __: Msg) -> common_pb2.HealthReply:
+        return common_pb2.HealthReply(service=self.name, instance=self.settings.instance, status="ok",
+                                      version=__version__, details=self.health_details())
+
+
+async def run_service(service: Service) -> None:
+    """Run ``service`` until SIGTERM or SIGINT."""
+    configure_logging(service.name, service.settings.log_level, service.settings.log_format)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await service.serve_forever(stop)

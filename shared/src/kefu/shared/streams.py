@@ -1,0 +1,48 @@
+"""The JetStream streams kefu uses, defined once so every service sets them up the same way."""
+
+from __future__ import annotations
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+STREAM_CONV = "CONV"
+STREAM_KB = "KB"
+STREAM_LLM = "LLM"
+KV_CONV_STATE = "conv_state"
+
+KB_SUBJECTS = "kefu.kb.>"
+LLM_GENERATE = "kefu.llm.generate"
+LLM_CANCEL = "kefu.llm.cancel"
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+
+
+def conv_subject(tenant: str, conversation_id: str) -> str:
+    """The subject of a conversation's events in stream CONV."""
+    return f"kefu.conv.{tenant}.{conversation_id}"
+
+
+def kb_subject(tenant: str, doc_id: str) -> str:
+    """The subject of a document in stream KB (one message per subject)."""
+    return f"kefu.kb.{tenant}.doc.{doc_id}"
+
+
+def out_subject(conversation_id: str) -> str:
+    """Where dialogue publishes reply deltas and agent messages for the gateway."""
+    return f"kefu.out.{conversation_id}"
+
+
+def conv_stream() -> StreamConfig:
+    """Stream CONV: every conversation event, deduplicated by Nats-Msg-Id for two minutes."""
+    return StreamConfig(name=STREAM_CONV, subjects=["kefu.conv.>"], storage=StorageType.FILE,
+                        duplicate_window=120.0, max_msg_size=1024 * 1024)
+
+
+def kb_stream() -> StreamConfig:
+    """Stream KB: one message per document subject, so the stream is a compacted log of the KB."""
+    return StreamConfig(name=STREAM_KB, subjects=[KB_SUBJECTS], max_msgs_per_subject=1, storage=StorageType.FILE,
+                        discard=DiscardPolicy.OLD, max_msg_size=MAX_DOCUMENT_BYTES + 64 * 1024)
+
+
+def llm_stream() -> StreamConfig:
+    """Work-queue stream LLM: each generation job goes to one inference replica, removed once acked."""
+    return StreamConfig(name=STREAM_LLM, subjects=[LLM_GENERATE], retention=RetentionPolicy.WORK_QUEUE,
+                        storage=StorageType.FILE, max_age=600.0, max_msg_size=1024 * 1024)

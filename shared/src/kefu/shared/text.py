@@ -1,0 +1,79 @@
+"""Text utilities for Chinese and English: tokens for keyword search, sentences, and the "facts"
+(numbers, model codes) an answer must not drop or invent.
+
+jieba loads its dictionary on first use (about a second); services call :func:`warm_up` at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import jieba
+
+_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_HAS_CJK = re.compile(f"[{_CJK}]")
+_LATIN_TOKEN = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
+_CJK_RUN = re.compile(f"[{_CJK}]+")
+# A sentence ends at CJK terminal punctuation, or at . ! ? ; followed by whitespace or the end.
+_SENTENCE_END = re.compile(r"(?<=[。！？；!?])|(?<=[.;])(?=\s|$)|\n+")
+# Numbers (129, 1.7, 1,299) and codes that mix letters and digits (L2, X100, SM-G9910).
+_FACT = re.compile(r"(?<![A-Za-z0-9.])(?:[A-Za-z]+[-_]?[A-Za-z]*\d[A-Za-z0-9_-]*|\d+(?:[.,]\d+)*[A-Za-z]*)(?![A-Za-z0-9])")
+
+STOPWORDS = frozenset(
+    """a an the is are was were be been am do does did of to in on at for with by from and or not no it its
+    this that these those i you he she we they me my your our their what which who whom how much many when
+    where why can could should would will shall may might must have has had there here about as if than so
+    please tell know want any some""".split()
+) | frozenset("的 了 吗 呢 吧 啊 呀 是 在 有 和 与 及 或 我 你 您 他 她 它 我们 你们 请问 请 一下 什么 怎么 怎样 如何 多少 多久 哪 哪里 哪个 几 吗？ 么".split())
+
+
+def warm_up() -> None:
+    """Load jieba's dictionary now rather than on the first request."""
+    jieba.setLogLevel(60)
+    jieba.initialize()
+
+
+def normalize(text: str) -> str:
+    """NFKC (full-width to half-width) and lower case."""
+    return unicodedata.normalize("NFKC", text).lower()
+
+
+def has_cjk(text: str) -> bool:
+    return bool(_HAS_CJK.search(text))
+
+
+def tokenize(text: str) -> list[str]:
+    """Keyword tokens: lower-case Latin words and codes (also split at '-'), jieba search-mode words for
+    Chinese runs plus their single characters, so "上海交通大学" matches "上海" and "交通大学"."""
+    text = normalize(text)
+    tokens: list[str] = []
+    for m in _LATIN_TOKEN.finditer(text):
+        tok = m.group()
+        tokens.append(tok)
+        if "-" in tok or "_" in tok:
+            tokens.extend(p for p in re.split(r"[-_]", tok) if p)
+    for run in _CJK_RUN.findall(text):
+        words = [w for w in jieba.cut_for_search(run) if w.strip()]
+        tokens.extend(words)
+        tokens.extend(ch for ch in run if ch not in words)
+    return tokens
+
+
+def content_tokens(text: str) -> set[str]:
+    """The tokens of ``text`` that carry meaning (no stop words, no single CJK particles)."""
+    return {t for t in tokenize(text) if t not in STOPWORDS}
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of mixed Chinese and English text; decimals like 1.7 stay whole."""
+    parts = _SENTENCE_END.split(text)
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+def facts(text: str) -> set[str]:
+    """Numbers and letter-digit codes in ``text``, normalized (1,299 -> 1299; x100 -> X100)."""
+    out = set()
+    for m in _FACT.finditer(unicodedata.normalize("NFKC", text)):
+        out.add(m.group().replace(",", "").upper())
+    return out

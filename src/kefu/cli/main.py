@@ -1,0 +1,111 @@
+"""``kefu`` — run the stack and talk to it.
+
+    kefu up [--http-port 8080] [--grpc-port 50051] [--nats-url URL] [--data-dir .kefu] [--services all]
+    kefu models pull [--data-dir .kefu]
+    kefu kb import PATH... --tenant T
+    kefu replay CONVERSATION_ID [--at-seq N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kefu.cli import client
+
+ALL_SERVICES = ("gateway", "dialogue", "retrieval", "inference", "plugins")
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer") from None
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("KEFU_DATA_DIR", ".kefu")),
+                   help="where state, logs and models live (env KEFU_DATA_DIR, default .kefu)")
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    _data_dir_arg(p)
+    p.add_argument("--url", default=os.environ.get("KEFU_URL"),
+                   help="gateway URL (env KEFU_URL; default: the running `kefu up` of --data-dir, else :8080)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kefu", description="kefu: self-hosted LLM customer service")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start nats (embedded unless --nats-url) and the services in the foreground")
+    up.add_argument("--http-port", type=int, default=_env_int("KEFU_HTTP_PORT", 8080), help="env KEFU_HTTP_PORT")
+    up.add_argument("--grpc-port", type=int, default=_env_int("KEFU_GRPC_PORT", 50051), help="env KEFU_GRPC_PORT")
+    up.add_argument("--nats-url", default=os.environ.get("KEFU_NATS_URL") or None,
+                    help="use this NATS (env KEFU_NATS_URL); without it an embedded nats-server starts")
+    up.add_argument("--host", default=os.environ.get("KEFU_HTTP_HOST", "127.0.0.1"),
+                    help="interface for HTTP and gRPC (env KEFU_HTTP_HOST)")
+    _data_dir_arg(up)
+    up.add_argument("--services", default=os.environ.get("KEFU_SERVICES", "all"),
+                    help="comma-separated services to run here (default all: " + ",".join(ALL_SERVICES) + ")")
+
+    models = sub.add_parser("models", help="model provisioning")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    pull = msub.add_parser("pull", help="put the default models into the models directory (offline)")
+    _data_dir_arg(pull)
+
+    kb = sub.add_parser("kb", help="knowledge base")
+    kbsub = kb.add_subparsers(dest="kb_command", required=True)
+    imp = kbsub.add_parser("import", help="import .md .txt .html .pdf .csv .json .jsonl files")
+    imp.add_argument("paths", nargs="+", type=Path)
+    imp.add_argument("--tenant", required=True)
+    _client_args(imp)
+
+    replay = sub.add_parser("replay", help="print a conversation's state as JSON, rebuilt from its events")
+    replay.add_argument("conversation_id")
+    replay.add_argument("--at-seq", type=int, default=None, help="the state right after event N")
+    _client_args(replay)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "up":
+        from kefu.cli.up import up
+
+        services = list(ALL_SERVICES) if args.services == "all" else [s.strip() for s in args.services.split(",")]
+        unknown = set(services) - set(ALL_SERVICES)
+        if unknown or not services:
+            print(f"unknown services: {', '.join(sorted(unknown))} (choose from {', '.join(ALL_SERVICES)})",
+                  file=sys.stderr)
+            return 2
+        return up(http_port=args.http_port, grpc_port=args.grpc_port, nats_url=args.nats_url,
+                  data_dir=args.data_dir, services=services, host=args.host)
+    if args.command == "models":
+        from kefu.shared.models import ModelError, models_dir, pull
+
+        try:
+            manifest = pull(models_dir(args.data_dir))
+        except ModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for name, entry in manifest.items():
+            print(f"{name}  sha256:{entry['sha256'][:16]}…  ({entry['source']})")
+        print(f"models are in {models_dir(args.data_dir)}")
+        return 0
+    if args.command == "kb":
+        from kefu.cli.kbimport import import_paths
+
+        return import_paths(client.Client.for_args(args), args.tenant, args.paths)
+    if args.command == "replay":
+        c = client.Client.for_args(args)
+        path = f"/v1/conversations/{args.conversation_id}"
+        if args.at_seq is not None:
+            path += f"/state?at_seq={args.at_seq}"
+        status, body = c.call("GET", path)
+        print(json.dumps(body, ensure_ascii=False, indent=2))
+        return 0 if status == 200 else 1
+    return 2
