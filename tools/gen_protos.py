@@ -81,23 +81,25 @@ def _tree(root: Path) -> set[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail when the committed code is out of date")
+    parser.add_argument("--target", type=Path, default=TARGET, help="where the generated code lives")
     args = parser.parse_args()
+    target: Path = args.target
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = Path(tmp) / "kefu"
         if args.check:
-            new, old = _tree(fresh), _tree(TARGET) if TARGET.exists() else set()
+            new, old = _tree(fresh), _tree(target) if target.exists() else set()
             changed = sorted(new ^ old)
-            changed += sorted(f for f in new & old if not filecmp.cmp(fresh / f, TARGET / f, shallow=False))
+            changed += sorted(f for f in new & old if not filecmp.cmp(fresh / f, target / f, shallow=False))
             if changed:
                 print("generated code is out of date; run `make protos`:", *changed, sep="\n  ")
                 return 1
             print("generated code is up to date")
             return 0
-        if TARGET.exists():
-            shutil.rmtree(TARGET)
-        shutil.copytree(fresh, TARGET)
-        print(f"generated {len(_tree(TARGET))} files into {TARGET.relative_to(ROOT)}")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(fresh, target)
+        print(f"generated {len(_tree(target))} files into {target}")
     return 0
 
 

@@ -65,8 +65,9 @@ class Bus:
         default_timeout: Deadline in seconds for :meth:`request` when none is given.
     """
 
-    def __init__(self, nc: NATS, default_timeout: float = 10.0) -> None:
+    def __init__(self, nc: NATS, default_timeout: float = 10.0, flags: dict[str, bool] | None = None) -> None:
         self.nc = nc
+        self._flags = flags if flags is not None else {}
         self.js: JetStreamContext = nc.jetstream()
         self.default_timeout = default_timeout
         self._tasks: set[asyncio.Task[None]] = set()
@@ -79,8 +80,11 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
 
+        flags = {"closing": False}
+
         async def on_disconnect() -> None:
-            log.warning("nats disconnected")
+            if not flags["closing"]:
+                log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats reconnected")
@@ -93,9 +97,9 @@ class Bus:
                 nc = await nats.connect(
                     servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-                    connect_timeout=2, allow_reconnect=True,
+                    connect_timeout=2, allow_reconnect=True, drain_timeout=5,
                 )
-                return cls(nc, default_timeout)
+                return cls(nc, default_timeout, flags)
             except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
                 if loop.time() + delay > deadline:
                     raise Unavailable(f"cannot reach NATS at {','.join(servers)}: {exc}") from exc
@@ -105,6 +109,7 @@ class Bus:
 
     async def close(self) -> None:
         """Drain subscriptions (in-flight handlers finish) and close."""
+        self._flags["closing"] = True
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
         if not self.nc.is_closed:
@@ -221,4 +226,4 @@ async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -
     try:
         return await js.object_store(config.bucket or "")
     except (BucketNotFoundError, NotFoundError):
-        return await js.create_object_store(config=config)
+        return await js.create_object_store(bucket=config.bucket, config=config)

@@ -57,6 +57,7 @@ def configure_logging(service: str, level: str = "info", fmt: str = "auto") -> N
 
 
 def get_logger(name: str | None = None) -> Any:
-    """A structlog logger (bound to ``logger=name`` when given)."""
-    log = structlog.get_logger()
-    return log.bind(logger=name) if name else log
+    """A structlog logger (bound to ``component=name`` when given)."""
+    # Initial values keep the logger lazy: a module-level logger must not freeze the configuration
+    # that was current at import time.
+    return structlog.get_logger(component=name) if name else structlog.get_logger()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -65,7 +66,18 @@ class Service:
             self.log.info("ready", startup_s=round(time.monotonic() - t0, 2), instance=self.settings.instance)
             await stop.wait()
             self.log.info("stopping")
+            watchdog = asyncio.get_running_loop().call_later(5.0, self._report_stuck_shutdown)
+        watchdog.cancel()
         self.log.info("stopped")
+
+    def _report_stuck_shutdown(self) -> None:
+        """Shutdown is taking long: log what every task is waiting on."""
+        import io
+
+        for task in asyncio.all_tasks():
+            out = io.StringIO()
+            task.print_stack(limit=6, file=out)
+            self.log.warning("shutdown waiting", task=task.get_name(), stack=out.getvalue())
 
     async def _health(self, _: common_pb2.HealthRequest, __: Msg) -> common_pb2.HealthReply:
         return common_pb2.HealthReply(service=self.name, instance=self.settings.instance, status="ok",
@@ -75,6 +87,8 @@ class Service:
 async def run_service(service: Service) -> None:
     """Run ``service`` until SIGTERM or SIGINT."""
     configure_logging(service.name, service.settings.log_level, service.settings.log_format)
+    # `kill -USR1 <pid>` prints every thread's stack: how to see where a stuck service is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

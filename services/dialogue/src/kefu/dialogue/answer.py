@@ -18,6 +18,7 @@ from kefu.dialogue.policy import (
     Passage,
     best_evidence,
     build_messages,
+    cited,
     lang,
     sentence_ok,
     split_complete,
@@ -31,7 +32,7 @@ from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
 
 log = get_logger("kefu.dialogue.answer")
 
-MAX_SENTENCES = 3
+MAX_SENTENCES = 2
 
 Emit = Callable[[str], Awaitable[None]]
 
@@ -82,16 +83,18 @@ class Answerer:
             await emit(reply.text)
             return reply
         if self.settings.llm_enabled:
-            generated = await self._generate_checked(text, passages, evidence, emit)
-            if generated:
-                return Answer(generated, "llm", [evidence.doc_id])
+            shown = await self._generate_checked(text, passages, evidence, emit)
+            if shown:
+                sep = "" if lang(text) == "zh" else " "
+                return Answer(sep.join(shown), "llm", cited(shown, passages, evidence))
         # The model dropped or invented a fact (or is not there): the cited sentence itself is the answer.
         await emit(evidence.sentence)
         return Answer(evidence.sentence, "kb", [evidence.doc_id])
 
-    async def _generate_checked(self, query: str, passages: list[Passage], evidence: Evidence, emit: Emit) -> str:
+    async def _generate_checked(self, query: str, passages: list[Passage], evidence: Evidence,
+                                emit: Emit) -> list[str]:
         """Stream the model's answer, showing each sentence only once it has passed the fact check;
-        stop the model at the first sentence that fails. Returns what was shown."""
+        stop the model at the first sentence that fails. Returns the sentences shown."""
         shown: list[str] = []
         sep = "" if lang(query) == "zh" else " "
         buffer = ""
@@ -105,7 +108,7 @@ class Answerer:
                     if len(shown) >= MAX_SENTENCES or not sentence_ok(
                             s, query=query, passages=passages, evidence=evidence, first=not shown):
                         await self._cancel(job_id)
-                        return sep.join(shown)
+                        return shown
                     await emit((sep if shown else "") + s)
                     shown.append(s)
             rest = buffer.strip()
@@ -116,7 +119,7 @@ class Answerer:
         except KefuError as exc:
             log.warning("generation unavailable, answering from the passage", error=exc.message)
             await self._cancel(job_id)
-        return sep.join(shown)
+        return shown
 
     async def _generate(self, job_id: str, messages: list[dict[str, str]]) -> AsyncIterator[str]:
         """Queue a job on the LLM work queue and yield its text pieces as they arrive at our inbox."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kefu.shared.text import content_tokens, facts, has_cjk, split_sentences, tokenize
+from kefu.shared.text import content_tokens, facts, has_cjk, split_sentences
 
 _HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|^\s*人工\s*[。！!]?\s*$")
 _HANDOFF_EN = re.compile(
@@ -59,47 +59,51 @@ def _weighted_overlap(query: set[str], text: str, title_tokens: set[str]) -> flo
 
 
 def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
-    """The passage sentence sharing the most meaningful words with ``query`` (None when none shares any).
+    """The passage sentence sharing the most meaningful words with ``query`` (None when none shares any
+    beyond the document's title).
 
-    The facts an answer must keep come from the sentence's best clause, with words that merely name the
-    document (its title) weighing less: for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月"
-    that is "保修 18 个月", so 18 is required and 1.7 and 199 are not.
+    A sentence is read with its document's title, so "How much is the L2 lamp?" finds the price sentence
+    of the "Desk lamp L2" document rather than any sentence that mentions L2. The facts an answer must
+    keep come from the sentence's best clause, where words that merely name the document weigh less:
+    for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月" that is "保修 18 个月", so 18 is
+    required and 1.7 and 199 are not.
     """
     q = content_tokens(query)
     if not q:
         return None
-    best: tuple[float, int, Evidence] | None = None
+    best: tuple[tuple[float, float, int], Evidence] | None = None
     for rank, p in enumerate(passages):
         title_tokens = content_tokens(p.title)
         for sentence in split_sentences(p.text):
-            score = _weighted_overlap(q, sentence, title_tokens) + (_TITLE_WEIGHT if q & title_tokens else 0.0)
-            if score <= _TITLE_WEIGHT:
-                continue
+            own = _weighted_overlap(q, sentence, title_tokens)
+            if own <= _TITLE_WEIGHT:
+                continue  # the sentence itself says nothing the question asks about
+            score = float(len(q & (content_tokens(sentence) | title_tokens)))
             clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
             clause = max(clauses, key=lambda c: (_weighted_overlap(q, c, title_tokens), bool(facts(c))))
             required = frozenset(facts(clause) - facts(query))
-            # Earlier (better ranked) passages win ties.
-            key = (score, -rank)
-            if best is None or key > best[:2]:
-                best = (score, -rank, Evidence(sentence, p.doc_id, required, score))
-    return best[2] if best else None
+            # Ties go to the sentence with more of its own matching words, then to the better-ranked passage.
+            key = (score, own, -rank)
+            if best is None or key > best[0]:
+                best = (key, Evidence(sentence, p.doc_id, required, score))
+    return best[1] if best else None
 
 
 def build_messages(query: str, passages: list[Passage], evidence: Evidence) -> list[dict[str, str]]:
     """The grounded prompt: the evidence first, then the other passages, then the question."""
-    refs = [f"- {evidence.sentence}"]
-    refs += [f"- {p.title}: {p.text}" for p in passages[:2]]
+    others = [p.text for p in passages[:2] if evidence.sentence not in p.text]
+    reference = " ".join([evidence.sentence, *others])
     system = ("You are a customer service assistant. Answer the question in one short sentence using only "
               "the reference. Keep the exact numbers and names from the reference. "
               + ("Answer in Chinese." if lang(query) == "zh" else "Answer in English."))
-    user = "Reference:\n" + "\n".join(refs) + f"\n\nQuestion: {query}"
+    user = f"Reference: {reference}\n\nQuestion: {query}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence: Evidence, first: bool) -> bool:
     """Whether a generated sentence may be shown: it invents no number or code, is in the question's
     language, and (the first sentence) carries the facts that answer the question."""
-    if not sentence.strip():
+    if not sentence.strip() or _ECHO.search(sentence):
         return False
     known = facts(query) | {f for p in passages for f in facts(p.title + " " + p.text)}
     said = facts(sentence)
@@ -111,10 +115,24 @@ def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence:
         if evidence.required:
             return evidence.required <= said
         return bool(content_tokens(sentence) & content_tokens(evidence.sentence))
-    return bool(set(tokenize(sentence)) & set(tokenize(" ".join(p.text for p in passages))))
+    return bool(content_tokens(sentence) & (content_tokens(query) | content_tokens(evidence.sentence)))
 
+
+# The model repeating the prompt's scaffolding instead of answering.
+_ECHO = re.compile(r"^\s*[-*•]|\b(reference|question)\s*:|参考|问题：", re.I)
 
 _COMPLETE = re.compile(r"[。！？!?]|[.;](?=\s)")
+
+
+def cited(sentences: list[str], passages: list[Passage], evidence: Evidence) -> list[str]:
+    """The documents an answer draws on: the evidence's, then the best match of each other sentence."""
+    docs = [evidence.doc_id]
+    for s in sentences:
+        words = content_tokens(s)
+        best = max(passages, key=lambda p: len(words & content_tokens(p.title + " " + p.text)), default=None)
+        if best is not None and best.doc_id not in docs and words & content_tokens(best.text):
+            docs.append(best.doc_id)
+    return docs
 
 
 def split_complete(buffer: str) -> tuple[list[str], str]:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -61,6 +62,69 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
             await _abort(context, Internal("internal error"))
 
     return wrapper
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+async def _reject(context: grpc.aio.ServicerContext, bad: _Malformed) -> None:
+    context.set_trailing_metadata((("kefu-error-code", "invalid_protobuf"),))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {bad.error}")
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Turns undecodable request bytes into INVALID_ARGUMENT (grpc would answer UNKNOWN)."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def safe(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Malformed(str(exc))
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                if isinstance(request, _Malformed):
+                    await _reject(context, request)
+                return await inner(request, context)
+
+            return handler._replace(request_deserializer=safe, unary_unary=unary_unary)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                if isinstance(request, _Malformed):
+                    await _reject(context, request)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return handler._replace(request_deserializer=safe, unary_stream=unary_stream)
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+                async def checked() -> AsyncIterator[Any]:
+                    async for r in requests:
+                        if isinstance(r, _Malformed):
+                            await _reject(context, r)
+                        yield r
+
+                async for item in inner_ss(checked(), context):
+                    yield item
+
+            return handler._replace(request_deserializer=safe, stream_stream=stream_stream)
+        return handler
 
 
 def _token(context: grpc.aio.ServicerContext) -> str | None:
@@ -164,7 +228,7 @@ class KnowledgeService(knowledge_pb2_grpc.KnowledgeServicer):
 
 async def start_grpc(core: Core, auth: Auth, address: str) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Start the gRPC server on ``address`` ("host:port", port 0 for a free one); returns it and its port."""
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),

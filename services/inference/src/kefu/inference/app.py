@@ -43,6 +43,7 @@ class InferenceService(Service):
         self.backend: LlamaCppBackend | None = None
         self.cancelled: set[str] = set()
         self.jobs_done = 0
+        self._stopping = False
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         path = resolve(DEFAULT_LLM, self.settings.data_dir, self.settings.llm_model)
@@ -55,11 +56,14 @@ class InferenceService(Service):
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.llm_ack_wait,
                                   max_deliver=3, max_ack_pending=-1),
         )
+        # Unsubscribed after the workers stop (the stack unwinds in reverse), so drain finds no backlog.
+        stack.push_async_callback(psub.unsubscribe)
         cancel_sub = await bus.nc.subscribe(LLM_CANCEL, cb=self._on_cancel)
         stack.push_async_callback(cancel_sub.unsubscribe)
         workers = [asyncio.create_task(self._worker(bus, psub)) for _ in range(self.settings.llm_slots)]
 
         async def stop_workers() -> None:
+            self._stopping = True
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -76,9 +80,10 @@ class InferenceService(Service):
 
     async def _worker(self, bus: Bus, psub: object) -> None:
         # A worker asks for a job only when it is free: ready-worker balancing across replicas.
-        while True:
+        # The flag, not only cancellation, ends the loop: fetch() can turn a cancellation into a timeout.
+        while not self._stopping:
             try:
-                msgs = await psub.fetch(1, timeout=5)  # type: ignore[attr-defined]
+                msgs = await psub.fetch(1, timeout=2)  # type: ignore[attr-defined]
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except nats.errors.ConnectionClosedError:

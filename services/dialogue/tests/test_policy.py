@@ -1,0 +1,59 @@
+import pytest
+
+from kefu.dialogue.policy import Passage, best_evidence, build_messages, sentence_ok, split_complete, wants_human
+
+LAMP = Passage("lamp", "Desk lamp L2", "The L2 desk lamp costs 129 yuan and has three brightness levels.")
+KETTLE = Passage("kettle", "电水壶 K5", "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月。")
+RETURNS = Passage("returns", "Returns", "You can return any item within 7 days. Refunds take 3 working days.")
+
+
+@pytest.mark.parametrize("text", ["转人工", "我要转人工客服", "人工", "I want to talk to a human", "agent please",
+                                  "Can I speak with a real person?", "connect me to an agent"])
+def test_handoff_requests(text):
+    assert wants_human(text)
+
+
+@pytest.mark.parametrize("text", ["人工智能是什么", "How much is the lamp?", "Is the agent fee included?"])
+def test_not_handoff(text):
+    assert not wants_human(text)
+
+
+def test_evidence_is_the_answering_sentence_and_the_facts_it_must_keep():
+    ev = best_evidence("How much is the L2 desk lamp?", [RETURNS, LAMP, KETTLE])
+    assert ev.doc_id == "lamp" and ev.required == {"129"}
+    ev = best_evidence("K5 电水壶保修多久？", [LAMP, KETTLE])
+    assert ev.doc_id == "kettle" and ev.required == {"18"}  # not the capacity or the price
+    ev = best_evidence("How long do refunds take?", [LAMP, RETURNS])
+    assert ev.sentence == "Refunds take 3 working days." and ev.required == {"3"}
+
+
+def test_no_evidence_when_nothing_is_shared():
+    assert best_evidence("hello there", [LAMP, KETTLE]) is None
+    assert best_evidence("", [LAMP]) is None
+
+
+def test_generated_sentences_must_keep_facts_and_invent_none():
+    passages = [LAMP, KETTLE]
+    ev = best_evidence("How much is the L2 desk lamp?", passages)
+    ok = dict(query="How much is the L2 desk lamp?", passages=passages, evidence=ev)
+    assert sentence_ok("The L2 desk lamp costs 129 yuan.", first=True, **ok)
+    assert not sentence_ok("The L2 desk lamp costs 99 yuan.", first=True, **ok)  # an invented price
+    assert not sentence_ok("It is a lovely lamp.", first=True, **ok)  # drops the price
+    assert sentence_ok("It has three brightness levels.", first=False, **ok)
+    zh = best_evidence("K5 电水壶保修多久？", passages)
+    assert not sentence_ok("The warranty is 18 months.", first=True, query="K5 电水壶保修多久？", passages=passages,
+                           evidence=zh)  # answers Chinese in English
+    assert sentence_ok("K5 电水壶保修 18 个月。", first=True, query="K5 电水壶保修多久？", passages=passages, evidence=zh)
+
+
+def test_prompt_is_grounded_in_the_evidence():
+    ev = best_evidence("How much is the L2 desk lamp?", [LAMP])
+    system, user = build_messages("How much is the L2 desk lamp?", [LAMP], ev)
+    assert system["role"] == "system" and "only" in system["content"]
+    assert ev.sentence in user["content"] and user["content"].endswith("Question: How much is the L2 desk lamp?")
+
+
+def test_split_complete_waits_for_the_end_of_a_sentence():
+    assert split_complete("It costs 129 yuan. It has 1.") == (["It costs 129 yuan."], " It has 1.")
+    assert split_complete("保修 18 个月。支持") == (["保修 18 个月。"], "支持")
+    assert split_complete("no end yet") == ([], "no end yet")

@@ -1,0 +1,68 @@
+import time
+import uuid
+
+import nats.errors
+import pytest
+
+from kefu.proto.bus.v1 import llm_pb2
+from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+async def run_job(bus, inbox, sub, *, max_tokens=24, deadline_s=60.0, content="Say hello to the customer."):
+    job = llm_pb2.GenerateRequest(
+        job_id=uuid.uuid4().hex, max_tokens=max_tokens, reply_inbox=inbox, temperature=0, seed=1,
+        deadline_ms=int((time.time() + deadline_s) * 1000),
+        messages=[llm_pb2.ChatMessage(role="user", content=content)])
+    await bus.js.publish(LLM_GENERATE, job.SerializeToString())
+    return job
+
+
+async def collect(sub, timeout=60):
+    chunks = []
+    while True:
+        chunk = llm_pb2.GenerateChunk.FromString((await sub.next_msg(timeout=timeout)).data)
+        chunks.append(chunk)
+        if chunk.done:
+            return chunks
+
+
+async def test_tokens_stream_to_the_inbox_in_order(stack, bus):
+    async with bus.inbox() as (inbox, sub):
+        job = await run_job(bus, inbox, sub)
+        chunks = await collect(sub)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert all(c.job_id == job.job_id for c in chunks)
+    assert len(chunks) > 3 and "".join(c.text for c in chunks).strip()
+    assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].completion_tokens <= 24
+
+
+async def test_same_seed_same_text(stack, bus):
+    texts = []
+    for _ in range(2):
+        async with bus.inbox() as (inbox, sub):
+            await run_job(bus, inbox, sub, max_tokens=16)
+            texts.append("".join(c.text for c in await collect(sub)))
+    assert texts[0] == texts[1]
+
+
+async def test_cancel_stops_generation_early(stack, bus):
+    async with bus.inbox() as (inbox, sub):
+        job = await run_job(bus, inbox, sub, max_tokens=400, content="Write a very long story about a lamp.")
+        first = llm_pb2.GenerateChunk.FromString((await sub.next_msg(timeout=60)).data)
+        assert not first.done
+        await bus.nc.publish(LLM_CANCEL, job.job_id.encode())
+        chunks = [first, *await collect(sub)]
+    assert chunks[-1].finish_reason == "cancelled" and len(chunks) < 400
+
+
+async def test_expired_and_malformed_jobs_are_dropped_and_service_keeps_working(stack, bus):
+    await bus.js.publish(LLM_GENERATE, b"\xff\x00garbage")
+    async with bus.inbox() as (inbox, sub):
+        await run_job(bus, inbox, sub, deadline_s=-1)
+        async with bus.inbox() as (inbox2, sub2):
+            await run_job(bus, inbox2, sub2, max_tokens=4)
+            assert (await collect(sub2))[-1].done
+        with pytest.raises(nats.errors.TimeoutError):  # the expired job produced nothing
+            await sub.next_msg(timeout=0.5)

@@ -1,0 +1,81 @@
+import asyncio
+import time
+
+import pytest
+
+from kefu.proto.bus.v1 import retrieval_pb2
+from kefu.retrieval.app import RetrievalService, RetrievalSettings
+from kefu.shared import errors
+from kefu.shared.streams import kb_subject
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+async def put(bus, tenant, doc_id, title, text, deleted=False) -> int:
+    doc = retrieval_pb2.Document(tenant=tenant, doc_id=doc_id, title=title, text=text, deleted=deleted)
+    ack = await bus.js.publish(kb_subject(tenant, doc_id), doc.SerializeToString())
+    return ack.seq
+
+
+async def search(bus, tenant, query, k=5, min_seq=0):
+    return await bus.request("kefu.retrieval.search", retrieval_pb2.SearchRequest(
+        tenant=tenant, query=query, k=k, min_kb_seq=min_seq), retrieval_pb2.SearchReply, timeout=20)
+
+
+async def test_hybrid_search_tenants_updates_and_deletes(stack, bus, unique):
+    tenant, other = unique("t"), unique("o")
+    await put(bus, tenant, "phone", "Galaxy SM-G9910", "The SM-G9910 phone has a 6.2 inch screen.")
+    await put(bus, tenant, "uni", "学校介绍", "上海交通大学位于上海市闵行区。")
+    await put(bus, tenant, "kettle", "Kettle", "The kettle boils water in three minutes.")
+    seq = await put(bus, other, "secret", "Other tenant", "The SM-G9910 price for partners is secret.")
+
+    hits = (await search(bus, tenant, "SM-G9910 screen", min_seq=seq)).hits
+    assert hits[0].doc_id == "phone" and hits[0].chunk_id == "phone#0" and hits[0].score > 0
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert all(h.doc_id != "secret" for h in hits)
+    assert (await search(bus, tenant, "交通大学在哪里")).hits[0].doc_id == "uni"
+    assert (await search(bus, tenant, "how fast does it boil water")).hits[0].doc_id == "kettle"
+
+    # An update replaces the old chunks; a delete removes them.
+    seq = await put(bus, tenant, "kettle", "Kettle", "The kettle now boils water in ninety seconds.")
+    hits = (await search(bus, tenant, "kettle boils water", min_seq=seq)).hits
+    assert [h.text for h in hits if h.doc_id == "kettle"] == ["The kettle now boils water in ninety seconds."]
+    assert hits[0].version == seq
+    seq = await put(bus, tenant, "kettle", "", "", deleted=True)
+    assert all(h.doc_id != "kettle" for h in (await search(bus, tenant, "kettle", min_seq=seq)).hits)
+
+
+async def test_a_new_document_is_searchable_right_after_its_ack(stack, bus, unique):
+    tenant = unique("fresh")
+    t0 = time.perf_counter()
+    seq = await put(bus, tenant, "faq", "Opening hours", "We are open from 9 to 18 on weekdays.")
+    hits = (await search(bus, tenant, "opening hours", min_seq=seq)).hits
+    assert hits and hits[0].doc_id == "faq"
+    assert time.perf_counter() - t0 < 10
+
+
+async def test_bad_search_requests_are_typed_errors(stack, bus):
+    with pytest.raises(errors.BadRequest):
+        await search(bus, "", "q")
+    with pytest.raises(errors.BadRequest):
+        await search(bus, "t", "q", k=500)
+    assert list((await search(bus, "nobody-here", "anything")).hits) == []
+
+
+async def test_a_new_replica_rebuilds_the_index_from_the_stream(stack, bus, unique, nats_url, models_data_dir):
+    tenant = unique("replay")
+    await put(bus, tenant, "a", "Warranty", "Every product has a two year warranty.")
+    await put(bus, tenant, "b", "Gone", "This document will be deleted.")
+    await put(bus, tenant, "b", "", "", deleted=True)
+    replica = RetrievalService(RetrievalSettings(nats_url=nats_url, data_dir=models_data_dir))
+    stop = asyncio.Event()
+    task = asyncio.create_task(replica.serve_forever(stop))
+    try:
+        while not replica.started_at:
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.05)
+        index = replica.indexes[tenant]
+        assert set(index.by_doc) == {"a"}
+    finally:
+        stop.set()
+        await task

@@ -1,0 +1,137 @@
+"""A new user's path: `kefu up` on free ports, documents in, a cited streamed answer out, the CLI
+commands, a crashed service restarted, and Ctrl-C leaving no process behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kefu.shared.natsserver import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+ADMIN = "e2e-admin-token-0123456789"
+KEFU = str(Path(sys.executable).parent / "kefu")
+
+
+def http(base, method, path, body=None, token=None, accept=None, timeout=120):
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if accept:
+        headers["Accept"] = accept
+    data = json.dumps(body, ensure_ascii=False).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def group_alive(pgid: int) -> list[str]:
+    out = subprocess.run(["pgrep", "-g", str(pgid), "-a"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def kefu_up(tmp_path, models_data_dir):
+    http_port, grpc_port = free_port(), free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(models_data_dir / "models")
+    env = dict(os.environ, KEFU_ADMIN_TOKEN=ADMIN, KEFU_LOG_LEVEL="info")
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([KEFU, "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                             "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.time() + 240
+    while http(base, "GET", "/readyz", timeout=3)[0] != 200 or "admin token" not in (tmp_path / "up.log").read_text():
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+        assert time.time() < deadline, "not ready: " + (tmp_path / "up.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield {"base": base, "proc": proc, "data": data, "log": tmp_path / "up.log"}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_first_answer_cli_restart_and_clean_stop(kefu_up, tmp_path):
+    base, proc, data = kefu_up["base"], kefu_up["proc"], kefu_up["data"]
+    out = kefu_up["log"].read_text()
+    assert base in out and f"admin token: {ADMIN}" in out
+
+    # Knowledge in through the CLI importer (jsonl and markdown), read back by search.
+    (tmp_path / "faq.jsonl").write_text(json.dumps({"doc_id": "lamp-price", "title": "Desk lamp L2",
+                                                    "text": "The L2 desk lamp costs 129 yuan."}) + "\n")
+    (tmp_path / "warranty.md").write_text("# Warranty\nEvery L2 lamp has a 24 month warranty.\n")
+    imp = subprocess.run([KEFU, "kb", "import", str(tmp_path / "faq.jsonl"), str(tmp_path / "warranty.md"),
+                          "--tenant", "shop", "--data-dir", str(data)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, KEFU_ADMIN_TOKEN=ADMIN))
+    assert imp.returncode == 0, imp.stdout + imp.stderr
+    assert "2 documents imported" in imp.stdout
+
+    st, body = http(base, "POST", "/v1/tenants/shop/conversations", {"visitor_id": "e2e"})
+    assert st == 201
+    conv = json.loads(body)
+    st, body = http(base, "POST", f"/v1/conversations/{conv['conversation_id']}/messages",
+                    {"text": "How much is the L2 desk lamp?"}, token=conv["visitor_token"], accept="text/event-stream")
+    assert st == 200
+    events = [line for line in body.splitlines() if line.startswith("event:")]
+    assert events[0] == "event: delta" and events[-1] == "event: done"
+    done = json.loads(body.strip().splitlines()[-1][len("data:"):])
+    assert "129" in done["reply"]["text"] and done["reply"]["citations"] == ["lamp-price"]
+
+    replay = subprocess.run([KEFU, "replay", conv["conversation_id"], "--at-seq", "1", "--data-dir", str(data)],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, KEFU_ADMIN_TOKEN=ADMIN))
+    assert replay.returncode == 0, replay.stderr
+    state = json.loads(replay.stdout)
+    assert [t["text"] for t in state["turns"]] == ["How much is the L2 desk lamp?"]
+
+    # A service that dies is reported and restarted; the conversation survives in JetStream.
+    dialogue = subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "kefu.dialogue"], capture_output=True,
+                              text=True).stdout.split()
+    assert len(dialogue) == 1
+    os.kill(int(dialogue[0]), signal.SIGKILL)
+    deadline = time.time() + 120
+    while "dialogue exited with code -9; restarting" not in kefu_up["log"].read_text():
+        assert time.time() < deadline
+        time.sleep(0.5)
+    while True:
+        st, body = http(base, "POST", f"/v1/conversations/{conv['conversation_id']}/messages",
+                        {"text": "How much is the L2 desk lamp?"}, token=conv["visitor_token"], timeout=30)
+        if st == 200:
+            break
+        assert time.time() < deadline, body
+        time.sleep(1)
+    assert json.loads(body)["seq"] == 3
+
+    # Ctrl-C stops everything, nats-server included.
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(60) == 0
+    deadline = time.time() + 10
+    while group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert group_alive(proc.pid) == []
+    assert not (data / "runtime.json").exists()
+
+
+def test_killed_supervisor_leaves_no_orphans(kefu_up):
+    proc = kefu_up["proc"]
+    assert len(group_alive(proc.pid)) >= 6  # kefu up, nats-server, five services
+    proc.send_signal(signal.SIGKILL)  # only the supervisor: the children must notice by themselves
+    proc.wait()
+    deadline = time.time() + 30
+    while group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.3)
+    assert group_alive(proc.pid) == []
