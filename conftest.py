@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kefu.shared.models import models_dir, pull
+from kefu.shared.service import start_in_background
 
 ROOT = Path(__file__).parent
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
@@ -55,17 +56,9 @@ async def stack(nats_url: str, models_data_dir: Path) -> AsyncIterator[InprocSta
                                                   rate_messages_per_second=1000, rate_messages_burst=1000)),
     }
     stop = asyncio.Event()
-    tasks = {name: asyncio.create_task(svc.serve_forever(stop), name=name) for name, svc in services.items()}
-    deadline = asyncio.get_running_loop().time() + 300
-    while not all(s.started_at for s in services.values()):  # type: ignore[attr-defined]
-        for name, task in tasks.items():
-            if task.done():
-                task.result()  # raises what made the service fail
-                raise RuntimeError(f"{name} stopped during start-up")
-        assert asyncio.get_running_loop().time() < deadline, "services did not start"
-        await asyncio.sleep(0.05)
+    tasks = await asyncio.gather(*(start_in_background(svc, stop) for svc in services.values()))
     gw = services["gateway"]
     yield InprocStack(services, nats_url, models_data_dir, f"http://127.0.0.1:{gw.http_port}",  # type: ignore[attr-defined]
                       f"127.0.0.1:{gw.grpc_port}", ADMIN_TOKEN)  # type: ignore[attr-defined]
     stop.set()
-    await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 60)
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)

@@ -7,6 +7,7 @@ import pytest
 
 from kefu.gateway.app import GatewayService, GatewaySettings
 from kefu.shared.natsserver import NatsServer
+from kefu.shared.service import start_in_background
 
 pytestmark = pytest.mark.integration
 
@@ -15,11 +16,7 @@ async def run_gateway(nats_url, data_dir, **overrides):
     svc = GatewayService(GatewaySettings(nats_url=nats_url, data_dir=data_dir, http_port=0, grpc_port=0,
                                          log_level="warning", **overrides))
     stop = asyncio.Event()
-    task = asyncio.create_task(svc.serve_forever(stop))
-    while not svc.started_at:
-        assert not task.done(), task.result()
-        await asyncio.sleep(0.02)
-    return svc, stop, task
+    return svc, stop, await start_in_background(svc, stop)
 
 
 async def test_services_down_means_503_not_a_hang(tmp_path, monkeypatch):

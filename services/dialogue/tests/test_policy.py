@@ -39,6 +39,7 @@ def test_generated_sentences_must_keep_facts_and_invent_none():
     assert sentence_ok("The L2 desk lamp costs 129 yuan.", first=True, **ok)
     assert not sentence_ok("The L2 desk lamp costs 99 yuan.", first=True, **ok)  # an invented price
     assert not sentence_ok("It is a lovely lamp.", first=True, **ok)  # drops the price
+    assert not sentence_ok("The L2 desk lamp is a luxury designer item that costs 129 yuan.", first=True, **ok)
     assert sentence_ok("It has three brightness levels.", first=False, **ok)
     zh = best_evidence("K5 电水壶保修多久？", passages)
     assert not sentence_ok("The warranty is 18 months.", first=True, query="K5 电水壶保修多久？", passages=passages,

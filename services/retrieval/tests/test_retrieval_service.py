@@ -6,6 +6,7 @@ import pytest
 from kefu.proto.bus.v1 import retrieval_pb2
 from kefu.retrieval.app import RetrievalService, RetrievalSettings
 from kefu.shared import errors
+from kefu.shared.service import start_in_background
 from kefu.shared.streams import kb_subject
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -69,11 +70,8 @@ async def test_a_new_replica_rebuilds_the_index_from_the_stream(stack, bus, uniq
     await put(bus, tenant, "b", "", "", deleted=True)
     replica = RetrievalService(RetrievalSettings(nats_url=nats_url, data_dir=models_data_dir))
     stop = asyncio.Event()
-    task = asyncio.create_task(replica.serve_forever(stop))
+    task = await start_in_background(replica, stop)
     try:
-        while not replica.started_at:
-            assert not task.done(), task.result()
-            await asyncio.sleep(0.05)
         index = replica.indexes[tenant]
         assert set(index.by_doc) == {"a"}
     finally:

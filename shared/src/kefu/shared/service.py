@@ -44,6 +44,7 @@ class Service:
         self.log = get_logger(f"kefu.{self.name}")
         self.bus: Bus | None = None
         self.started_at = 0.0
+        self.ready = asyncio.Event()
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         """Load what the service needs and subscribe; register clean-ups on ``stack``."""
@@ -62,6 +63,7 @@ class Service:
             t0 = time.monotonic()
             await self.start(bus, stack)
             self.started_at = time.time()
+            self.ready.set()
             await bus.serve(health_subject(self.name), common_pb2.HealthRequest, self._health)
             self.log.info("ready", startup_s=round(time.monotonic() - t0, 2), instance=self.settings.instance)
             await stop.wait()
@@ -82,6 +84,26 @@ class Service:
     async def _health(self, _: common_pb2.HealthRequest, __: Msg) -> common_pb2.HealthReply:
         return common_pb2.HealthReply(service=self.name, instance=self.settings.instance, status="ok",
                                       version=__version__, details=self.health_details())
+
+
+async def start_in_background(service: Service, stop: asyncio.Event, timeout: float = 300.0) -> asyncio.Task[None]:
+    """Run ``service`` as a task of this event loop (tests, benchmarks) and return once it is ready.
+
+    Raises:
+        Whatever made the service fail during start-up, or TimeoutError.
+    """
+    task = asyncio.create_task(service.serve_forever(stop), name=service.name)
+    ready = asyncio.create_task(service.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready.cancel()
+        task.result()
+        raise RuntimeError(f"{service.name} stopped during start-up")
+    if ready not in done:
+        ready.cancel()
+        task.cancel()
+        raise TimeoutError(f"{service.name} not ready after {timeout}s")
+    return task
 
 
 async def run_service(service: Service) -> None:

@@ -15,6 +15,8 @@ _HANDOFF_EN = re.compile(
     re.I,
 )
 _CLAUSE = re.compile(r"[，,、：:]")
+# Share of a generated sentence's meaningful words that must appear in the passages or the question.
+MIN_SUPPORT = 0.8
 # Weight of a query word that also names the document (title): it picks the document, not the fact.
 _TITLE_WEIGHT = 0.2
 
@@ -101,13 +103,19 @@ def build_messages(query: str, passages: list[Passage], evidence: Evidence) -> l
 
 
 def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence: Evidence, first: bool) -> bool:
-    """Whether a generated sentence may be shown: it invents no number or code, is in the question's
-    language, and (the first sentence) carries the facts that answer the question."""
+    """Whether a generated sentence may be shown: it invents no number or code, says little that is not
+    in the passages, is in the question's language, and (the first sentence) carries the facts that
+    answer the question."""
     if not sentence.strip() or _ECHO.search(sentence):
         return False
     known = facts(query) | {f for p in passages for f in facts(p.title + " " + p.text)}
     said = facts(sentence)
     if said - known:
+        return False
+    # Most of what it says must be in the passages: a tiny model likes to embellish ("a luxury item").
+    words = content_tokens(sentence)
+    grounded = content_tokens(query + " " + " ".join(p.title + " " + p.text for p in passages))
+    if words and len(words & grounded) < MIN_SUPPORT * len(words):
         return False
     if lang(query) == "zh" and not has_cjk(sentence):
         return False

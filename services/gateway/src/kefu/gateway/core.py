@@ -115,6 +115,7 @@ class Core:
                                  turn_id=turn_id, kb_min_seq=self.kb_seq),
             turn_pb2.TurnReply, timeout=self.turn_timeout))
         try:
+            replied = False  # dialogue's "reply" event: every delta of this turn is in before it
             while not request.done():
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, request}, return_when=asyncio.FIRST_COMPLETED)
@@ -122,23 +123,23 @@ class Core:
                     ev = getter.result()
                     if ev.kind == "delta":
                         yield Delta(ev.text)
+                    replied = replied or ev.kind == "reply"
                 else:
                     getter.cancel()
             reply = request.result()
             if reply.replayed:
                 yield Delta(reply.reply.text)
             else:
-                # Deltas and the reply event travel on another subscription: take the ones still queued.
+                # Deltas travel on another subscription than the reply: take the ones still queued.
                 deadline = time.monotonic() + 2.0
-                while time.monotonic() < deadline:
+                while not replied and time.monotonic() < deadline:
                     try:
                         ev = await asyncio.wait_for(events.get(), deadline - time.monotonic())
                     except TimeoutError:
                         break
                     if ev.kind == "delta":
                         yield Delta(ev.text)
-                    elif ev.kind == "reply":
-                        break
+                    replied = ev.kind == "reply"
             yield Final(reply)
         finally:
             if not request.done():
