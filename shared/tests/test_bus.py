@@ -102,7 +102,7 @@ async def test_inbox_receives_a_stream_of_messages(bus: Bus):
     assert got == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", "x>", "a" * 129, "tab\there"])
+@pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", "x>", "a" * 129, "tab\there", "%FF", "a/b", "\ufffd"])
 def test_subject_tokens_reject_what_would_change_the_subject(bad):
     with pytest.raises(errors.BadRequest):
         subject_token(bad)

@@ -177,6 +177,7 @@ async def test_bad_input_gets_typed_errors(api, unique):
     path = f"/v1/conversations/{cid}/messages"
     assert is_error(*(await api.call("POST", path, raw=b"{not json", token=tok))[:2], 400, "invalid_json")
     assert is_error(*(await api.call("POST", path, raw=b'{"text": "\xff\xfe"}', token=tok))[:2], 400, "invalid_utf8")
+    assert is_error(*(await api.call("POST", path, raw=b'{"text": "\\ud800"}', token=tok))[:2], 400, "invalid_utf8")
     assert is_error(*(await api.call("POST", path, raw=b"[1, 2]", token=tok))[:2], 400, "invalid_json")
     assert is_error(*(await api.call("POST", path, {"nope": 1}, token=tok))[:2], 400, "missing_field")
     assert is_error(*(await api.call("POST", path, {"text": 5}, token=tok))[:2], 400, "invalid_field")
@@ -188,6 +189,9 @@ async def test_bad_input_gets_typed_errors(api, unique):
     st, js, _ = await api.call("GET", f"/v1/conversations/{uuid.uuid4().hex}", token=api.admin)
     assert is_error(st, js, 404, "unknown_conversation")
     assert is_error(*(await api.call("POST", "/v1/tenants/a.b/conversations", {}))[:2], 400)
+    assert is_error(*(await api.call("POST", "/v1/tenants/%FF/conversations", {}))[:2], 400)
+    assert is_error(*(await api.call("PUT", "/v1/tenants/t/documents/d", raw=b'{"text": "\\udc00"}',
+                                     token=api.admin))[:2], 400, "invalid_utf8")
     assert is_error(*(await api.call("GET", "/no/such/route"))[:2], 404)
     assert is_error(*(await api.call("PATCH", "/healthz"))[:2], 405)
     st, js, _ = await api.call("GET", f"/v1/tenants/{unique('t')}/search?q=x&k=0", token=api.admin)

@@ -38,6 +38,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _broker_child() -> None:
+    """In nats-server: ignore the terminal's Ctrl-C (Go keeps an inherited SIG_IGN), so the broker
+    outlives the services' drain and is stopped last, by us."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
 def say(msg: str) -> None:
     print(f"[kefu] {msg}", flush=True)
 
@@ -84,7 +91,7 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
     nats: NatsServer | None = None
     if not nats_url:
         nats = NatsServer(data_dir / "nats", log_file=logs / "nats.log")
-        nats.start(preexec_fn=_die_with_parent)
+        nats.start(preexec_fn=_broker_child)
         nats_url = nats.url
         say(f"embedded nats-server with JetStream at {nats_url} (data in {data_dir / 'nats'})")
 

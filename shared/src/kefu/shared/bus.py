@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -49,10 +50,17 @@ M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, Msg], Awaitable[Message]]
 
 
+# Letters and digits of any script, and a few separators that mean nothing to NATS or to KV keys.
+_IDENTIFIER = re.compile(r"[\w\-:@+=]{1,128}")
+
+
 def subject_token(value: str) -> str:
     """Validate ``value`` for use as one token of a subject (tenant, conversation or document id)."""
-    if not value or len(value) > 128 or any(c in value for c in ". *>\t\r\n") or not value.isprintable():
-        raise BadRequest(f"invalid identifier {value[:40]!r}: use 1-128 characters without spaces, '.', '*' or '>'",
+    if "\ufffd" in value:
+        # What a decoder leaves of invalid UTF-8 (e.g. %FF in a URL): refuse rather than store garbage.
+        raise BadRequest("the identifier is not valid UTF-8", code="invalid_utf8")
+    if not _IDENTIFIER.fullmatch(value):
+        raise BadRequest(f"invalid identifier {value[:40]!r}: use 1-128 letters, digits, '_', '-', ':', '@', '+' or '='",
                          code="invalid_field")
     return value
 

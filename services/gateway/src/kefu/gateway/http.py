@@ -29,11 +29,20 @@ MAX_K = 50
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """JSON with Chinese (and every other script) as UTF-8 text, not \\u escapes."""
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
 def error_response(exc: KefuError) -> web.Response:
     headers = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return web.json_response(exc.to_json(), status=exc.http_status, headers=headers)
+    return json_response(exc.to_json(), status=exc.http_status, headers=headers)
 
 
 @web.middleware
@@ -47,7 +56,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "bad_request")
-        return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
+        return json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
@@ -71,12 +80,21 @@ async def read_json(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, 
         text = bytes(body).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the body is not valid UTF-8", code="invalid_utf8") from None
+    return parse_json_object(text)
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A JSON object from ``text``; escapes of lone surrogates ("\\ud800") count as invalid UTF-8."""
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_json")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("the body holds text that is not valid UTF-8", code="invalid_utf8") from None
     return value
 
 
@@ -136,7 +154,7 @@ class HttpApi:
         return bearer(request.headers.get("Authorization"))
 
     async def healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def readyz(self, _: web.Request) -> web.Response:
         services = await self.core.readiness()
@@ -145,7 +163,7 @@ class HttpApi:
         if not ready:
             waiting = ", ".join(k for k, v in services.items() if v != "ok")
             body["error"] = {"code": "unavailable", "message": f"not ready: {waiting}"}
-        return web.json_response(body, status=200 if ready else 503)
+        return json_response(body, status=200 if ready else 503)
 
     async def put_document(self, request: web.Request) -> web.Response:
         self.auth.require_admin(self._token(request))
@@ -155,13 +173,13 @@ class HttpApi:
         metadata = field(body, "metadata", required=False, kind=dict, default={})
         tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
         version = await self.core.upsert_document(tenant, doc_id, title, text, metadata)
-        return web.json_response({"doc_id": doc_id, "version": version})
+        return json_response({"doc_id": doc_id, "version": version})
 
     async def delete_document(self, request: web.Request) -> web.Response:
         self.auth.require_admin(self._token(request))
         tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
         version = await self.core.delete_document(tenant, doc_id)
-        return web.json_response({"doc_id": doc_id, "deleted": True, "version": version})
+        return json_response({"doc_id": doc_id, "deleted": True, "version": version})
 
     async def search(self, request: web.Request) -> web.Response:
         self.auth.require_admin(self._token(request))
@@ -175,7 +193,7 @@ class HttpApi:
         found = await self.core.search(request.match_info["tenant"], query, k)
         hits = [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text,
                  "score": round(h.score, 6)} for h in found.hits]
-        return web.json_response({"hits": hits})
+        return json_response({"hits": hits})
 
     async def start_conversation(self, request: web.Request) -> web.Response:
         self.start_limiter.check(request.remote or "")
@@ -184,7 +202,7 @@ class HttpApi:
         tenant = request.match_info["tenant"]
         cid = await self.core.start_conversation(tenant, visitor_id)
         token = self.auth.issue_visitor(cid, tenant)
-        return web.json_response({"conversation_id": cid, "visitor_token": token}, status=201)
+        return json_response({"conversation_id": cid, "visitor_token": token}, status=201)
 
     async def post_message(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["cid"]
@@ -195,7 +213,7 @@ class HttpApi:
         self.message_limiter.check(cid)
         if "text/event-stream" in request.headers.get("Accept", ""):
             return await self._stream_reply(request, cid, text, cmid)
-        return web.json_response(reply_json(await self.core.reply(cid, text, cmid)))
+        return json_response(reply_json(await self.core.reply(cid, text, cmid)))
 
     async def _stream_reply(self, request: web.Request, cid: str, text: str, cmid: str) -> web.StreamResponse:
         stream = self.core.send_message(cid, text, cmid)
@@ -230,7 +248,7 @@ class HttpApi:
     async def get_conversation(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
         self.auth.require_conversation(self._token(request), cid, admin_ok=True)
-        return web.json_response(state_json(await self.core.get_state(cid)))
+        return json_response(state_json(await self.core.get_state(cid)))
 
     async def get_state_at(self, request: web.Request) -> web.Response:
         self.auth.require_admin(self._token(request))
@@ -243,7 +261,7 @@ class HttpApi:
             raise BadRequest("at_seq must be an integer", code="invalid_field") from None
         if at_seq < 0:
             raise BadRequest("at_seq must not be negative", code="invalid_field")
-        return web.json_response(state_json(await self.core.get_state(request.match_info["cid"], at_seq)))
+        return json_response(state_json(await self.core.get_state(request.match_info["cid"], at_seq)))
 
     async def visitor_ws(self, request: web.Request) -> web.StreamResponse:
         token = request.query.get("token") or self._token(request)
@@ -287,16 +305,11 @@ class HttpApi:
                         await send({"type": "error", "code": "bad_request", "message": "send JSON text frames"})
                     continue
                 try:
-                    data = json.loads(msg.data)
-                    if not isinstance(data, dict):
-                        raise BadRequest("a frame must be a JSON object", code="invalid_json")
+                    data = parse_json_object(msg.data)
                     if data.get("type") != "message":
                         raise BadRequest("unknown frame type (expected \"message\")", code="invalid_field")
                     text = field(data, "text")
                     cmid = field(data, "client_msg_id", required=False, default="")
-                except ValueError:
-                    await send({"type": "error", "code": "invalid_json", "message": "the frame is not valid JSON"})
-                    continue
                 except KefuError as exc:
                     await send({"type": "error", "code": exc.code, "message": exc.message})
                     continue
