@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kefu.shared.logging import configure_logging
 from kefu.shared.models import models_dir, pull
 from kefu.shared.service import start_in_background
 
@@ -46,6 +47,7 @@ async def stack(nats_url: str, models_data_dir: Path) -> AsyncIterator[InprocSta
     from kefu.retrieval.app import RetrievalService, RetrievalSettings
 
     os.environ["KEFU_ADMIN_TOKEN"] = ADMIN_TOKEN
+    configure_logging("tests", "warning", "console")
     common = {"nats_url": nats_url, "data_dir": models_data_dir, "log_level": "warning"}
     services = {
         "inference": InferenceService(InferenceSettings(**common)),

@@ -61,3 +61,22 @@ async def test_flood_gets_429_with_retry_after(nats_url, tmp_path, monkeypatch):
     finally:
         stop.set()
         await task
+
+
+async def test_only_configured_tenants_are_served(nats_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("KEFU_ADMIN_TOKEN", "admin-for-tenant-test")
+    svc, stop, task = await run_gateway(nats_url, tmp_path, tenants="acme, globex")
+    base = f"http://127.0.0.1:{svc.http_port}"
+    admin = {"Authorization": "Bearer admin-for-tenant-test"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            for method, path, body in (("POST", "/v1/tenants/initech/conversations", {}),
+                                       ("PUT", "/v1/tenants/initech/documents/d", {"text": "x"}),
+                                       ("GET", "/v1/tenants/initech/search?q=x", None)):
+                async with s.request(method, base + path, json=body, headers=admin) as r:
+                    assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_tenant", path
+            async with s.put(base + "/v1/tenants/acme/documents/d", json={"text": "served"}, headers=admin) as r:
+                assert r.status == 200
+    finally:
+        stop.set()
+        await task

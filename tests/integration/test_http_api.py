@@ -207,7 +207,7 @@ async def test_search_and_delete_through_the_api(api, unique):
     await api.put_doc(tenant, "b", "Returns", "Returns are accepted within 7 days.")
     st, js, _ = await api.call("GET", f"/v1/tenants/{tenant}/search?q=shipping%20time&k=1", token=api.admin)
     assert st == 200 and [h["doc_id"] for h in js["hits"]] == ["a"]
-    assert set(js["hits"][0]) == {"doc_id", "chunk_id", "title", "text", "score"}
+    assert {"doc_id", "chunk_id", "title", "text", "score"} <= set(js["hits"][0])
     st, js, _ = await api.call("DELETE", f"/v1/tenants/{tenant}/documents/a", token=api.admin)
     assert st == 200
     st, js, _ = await api.call("GET", f"/v1/tenants/{tenant}/search?q=shipping&k=5", token=api.admin)

@@ -77,3 +77,33 @@ async def test_a_new_replica_rebuilds_the_index_from_the_stream(stack, bus, uniq
     finally:
         stop.set()
         await task
+
+
+async def test_restart_loads_the_snapshot_and_replays_only_what_is_newer(bus, unique, nats_url, models_data_dir,
+                                                                        tmp_path, stack):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(models_data_dir / "models")
+    tenant = unique("snap")
+    settings = dict(nats_url=nats_url, data_dir=data, snapshot_interval=0.2)
+    first = RetrievalService(RetrievalSettings(**settings))
+    stop = asyncio.Event()
+    task = await start_in_background(first, stop)
+    seq = await put(bus, tenant, "price", "K5 kettle", "The K5 kettle costs 199 yuan.")
+    await first._wait_applied(seq)
+    stop.set()
+    await task  # writes a last snapshot on the way out
+    assert first.snapshot_seq >= seq and (data / "retrieval" / "snapshot.pkl").exists()
+
+    newer = await put(bus, tenant, "price", "K5 kettle", "The K5 kettle now costs 179 yuan.")
+    second = RetrievalService(RetrievalSettings(**settings))
+    stop2 = asyncio.Event()
+    task2 = await start_in_background(second, stop2)
+    try:
+        assert second.snapshot_seq == first.snapshot_seq  # loaded, not rebuilt
+        assert second.applied_seq >= newer
+        hits = second.indexes[tenant].search("K5 kettle price", None, 3, lanes=("lexical",))
+        assert [h.chunk.text for h in hits] == ["The K5 kettle now costs 179 yuan."]
+    finally:
+        stop2.set()
+        await task2

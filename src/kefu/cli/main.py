@@ -3,6 +3,7 @@
     kefu up [--http-port 8080] [--grpc-port 50051] [--nats-url URL] [--data-dir .kefu] [--services all]
     kefu models pull [--data-dir .kefu]
     kefu kb import PATH... --tenant T
+    kefu kb search QUERY --tenant T [-k 5]
     kefu replay CONVERSATION_ID [--at-seq N]
 """
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 from kefu.cli import client
@@ -64,11 +66,33 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--tenant", required=True)
     _client_args(imp)
 
+    search = kbsub.add_parser("search", help="search a tenant's knowledge base")
+    search.add_argument("query")
+    search.add_argument("--tenant", required=True)
+    search.add_argument("-k", type=int, default=5, help="how many hits (default 5)")
+    search.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    _client_args(search)
+
     replay = sub.add_parser("replay", help="print a conversation's state as JSON, rebuilt from its events")
     replay.add_argument("conversation_id")
     replay.add_argument("--at-seq", type=int, default=None, help="the state right after event N")
     _client_args(replay)
     return ap
+
+
+def kb_search(c: client.Client, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"q": args.query, "k": args.k})
+    status, body = c.call("GET", f"/v1/tenants/{urllib.parse.quote(args.tenant, safe='')}/search?{query}")
+    if args.json or status != 200:
+        print(json.dumps(body, ensure_ascii=False, indent=2))
+        return 0 if status == 200 else 1
+    for i, hit in enumerate(body["hits"], 1):
+        snippet = " ".join(hit["text"].split())
+        print(f"{i}. [{hit['score']:.3f}] {hit['doc_id']} ({hit['chunk_id']}) {hit['title']}")
+        print(f"   {snippet[:160]}{'…' if len(snippet) > 160 else ''}")
+    if not body["hits"]:
+        print("no hits")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}  sha256:{entry['sha256'][:16]}…  ({entry['source']})")
         print(f"models are in {models_dir(args.data_dir)}")
         return 0
-    if args.command == "kb":
+    if args.command == "kb" and args.kb_command == "import":
         from kefu.cli.kbimport import import_paths
 
         return import_paths(client.Client.for_args(args), args.tenant, args.paths)
+    if args.command == "kb" and args.kb_command == "search":
+        return kb_search(client.Client.for_args(args), args)
     if args.command == "replay":
         c = client.Client.for_args(args)
         path = f"/v1/conversations/{args.conversation_id}"

@@ -60,6 +60,35 @@ def tokenize(text: str) -> list[str]:
     return tokens
 
 
+def query_tokens(text: str) -> list[str]:
+    """Keyword tokens for a query: like :func:`tokenize` without stop words, and a Chinese character
+    on its own only where no longer word of the query covers it (they are recall at index time; in a
+    query they would match half the corpus)."""
+    text = normalize(text)
+    tokens: list[str] = []
+    for m in _LATIN_TOKEN.finditer(text):
+        tok = m.group()
+        tokens.append(tok)
+        if "-" in tok or "_" in tok:
+            tokens.extend(p for p in re.split(r"[-_]", tok) if p)
+    for run in _CJK_RUN.findall(text):
+        words = [w for w in jieba.cut_for_search(run) if w.strip()]
+        covered = {ch for w in words if len(w) > 1 for ch in w}
+        tokens.extend(w for w in words if len(w) > 1 or w not in covered)
+    return [t for t in dict.fromkeys(tokens) if t not in STOPWORDS]
+
+
+_IDENT = re.compile(r"(?<![A-Za-z0-9.])(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*(?![A-Za-z0-9])")
+
+
+def identifiers(text: str) -> set[str]:
+    """Identifiers (model numbers, SKUs, order numbers, error codes) in ``text``: tokens that mix letters
+    and digits, normalized so "SM-G9910", "sm g9910" style variants and "smg9910" meet: upper case, without
+    '-' and '_'. Plain numbers are not identifiers."""
+    text = unicodedata.normalize("NFKC", text)
+    return {re.sub(r"[-_]", "", m.group()).upper() for m in _IDENT.finditer(text) if len(m.group()) >= 2}
+
+
 def content_tokens(text: str) -> set[str]:
     """The tokens of ``text`` that carry meaning (no stop words, no single CJK particles)."""
     return {t for t in tokenize(text) if t not in STOPWORDS}

@@ -26,6 +26,8 @@ class GatewaySettings(KefuSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     # The services /readyz waits for (comma-separated).
     ready_services: str = BACKEND_SERVICES
+    # Comma-separated tenants this deployment serves; empty: any well-formed tenant id.
+    tenants: str = ""
     turn_timeout: float = Field(default=90.0, gt=0)
     visitor_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
     rate_messages_per_second: float = Field(default=2.0, gt=0)
@@ -49,7 +51,8 @@ class GatewayService(Service):
         s = self.settings
         auth = Auth(admin_token(s.data_dir), signing_secret(s.data_dir), s.visitor_token_ttl)
         services = [x.strip() for x in s.ready_services.split(",") if x.strip()]
-        core = Core(bus, turn_timeout=s.turn_timeout, services=services)
+        tenants = frozenset(x.strip() for x in s.tenants.split(",") if x.strip())
+        core = Core(bus, turn_timeout=s.turn_timeout, services=services, tenants=tenants)
         await core.setup()
         api = HttpApi(core, auth, message_limiter=RateLimiter(s.rate_messages_per_second, s.rate_messages_burst),
                       start_limiter=RateLimiter(s.rate_starts_per_second, s.rate_starts_burst))

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from kefu.proto.bus.v1 import common_pb2, retrieval_pb2, turn_pb2
 from kefu.shared.bus import Bus, decode, ensure_stream, subject_token
-from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, PayloadTooLarge, Unavailable
+from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, NotFound, PayloadTooLarge, Unavailable
 from kefu.shared.service import health_subject
 from kefu.shared.streams import MAX_DOCUMENT_BYTES, kb_stream, kb_subject, out_subject
 
@@ -34,21 +34,32 @@ class Final:
 class Core:
     """The gateway's view of kefu: conversations via dialogue, knowledge via stream KB and retrieval."""
 
-    def __init__(self, bus: Bus, *, turn_timeout: float, services: list[str]) -> None:
+    def __init__(self, bus: Bus, *, turn_timeout: float, services: list[str], tenants: frozenset[str] = frozenset()) -> None:
         self.bus = bus
         self.turn_timeout = turn_timeout
         self.services = services
+        # When set, the only tenants this deployment serves; others are unknown (404).
+        self.tenants = tenants
         # Highest KB sequence this gateway has stored: searches and answers wait for retrieval to reach it.
         self.kb_seq = 0
 
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, kb_stream())
 
+    def tenant(self, tenant: str) -> str:
+        """``tenant`` validated: a well-formed identifier, and one this deployment serves."""
+        subject_token(tenant)
+        if self.tenants and tenant not in self.tenants:
+            raise NotFound(f"unknown tenant {tenant!r}", code="unknown_tenant")
+        return tenant
+
     # Knowledge
 
     async def upsert_document(self, tenant: str, doc_id: str, title: str, text: str,
                               metadata: dict[str, str]) -> int:
-        subject_token(tenant), subject_token(doc_id)
+        self.tenant(tenant), subject_token(doc_id)
+        if not text.strip():
+            raise BadRequest("text must not be empty", code="invalid_field")
         if len(title) > MAX_TITLE_CHARS:
             raise BadRequest(f"title is longer than {MAX_TITLE_CHARS} characters", code="invalid_field")
         doc = retrieval_pb2.Document(tenant=tenant, doc_id=doc_id, title=title, text=text,
@@ -60,7 +71,7 @@ class Core:
         return await self._store_kb(kb_subject(tenant, doc_id), data)
 
     async def delete_document(self, tenant: str, doc_id: str) -> int:
-        subject_token(tenant), subject_token(doc_id)
+        self.tenant(tenant), subject_token(doc_id)
         tombstone = retrieval_pb2.Document(tenant=tenant, doc_id=doc_id, deleted=True,
                                            updated_ms=int(time.time() * 1000))
         return await self._store_kb(kb_subject(tenant, doc_id), tombstone.SerializeToString())
@@ -74,14 +85,14 @@ class Core:
         return int(ack.seq)
 
     async def search(self, tenant: str, query: str, k: int) -> retrieval_pb2.SearchReply:
-        subject_token(tenant)
+        self.tenant(tenant)
         return await self.bus.request("kefu.retrieval.search", retrieval_pb2.SearchRequest(
             tenant=tenant, query=query[:MAX_MESSAGE_CHARS], k=k, min_kb_seq=self.kb_seq), retrieval_pb2.SearchReply)
 
     # Conversations
 
     async def start_conversation(self, tenant: str, visitor_id: str) -> str:
-        subject_token(tenant)
+        self.tenant(tenant)
         reply = await self.bus.request("kefu.dialogue.start", turn_pb2.StartConversationRequest(
             tenant=tenant, visitor_id=visitor_id), turn_pb2.StartConversationReply)
         return reply.conversation_id

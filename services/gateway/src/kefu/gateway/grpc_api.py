@@ -203,8 +203,6 @@ class KnowledgeService(knowledge_pb2_grpc.KnowledgeServicer):
     @unary
     async def Upsert(self, request: knowledge_pb2.UpsertRequest, context: Any) -> knowledge_pb2.UpsertResponse:
         self.auth.require_admin(_token(context))
-        if not request.text:
-            raise BadRequest("text is required", code="missing_field")
         version = await self.core.upsert_document(request.tenant, request.doc_id, request.title, request.text,
                                                   dict(request.metadata))
         return knowledge_pb2.UpsertResponse(doc_id=request.doc_id, version=version)

@@ -23,7 +23,7 @@ log = get_logger("kefu.gateway.http")
 JSON_LIMIT = 64 * 1024
 DOCUMENT_LIMIT = 5 * 1024 * 1024
 # Bodies up to this size are read to the end before a 413, so the client gets the answer instead of a reset.
-DRAIN_LIMIT = 32 * 1024 * 1024
+DRAIN_LIMIT = 64 * 1024 * 1024
 MAX_K = 50
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -192,7 +192,7 @@ class HttpApi:
             raise BadRequest(f"k must be between 1 and {MAX_K}", code="invalid_field")
         found = await self.core.search(request.match_info["tenant"], query, k)
         hits = [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text,
-                 "score": round(h.score, 6)} for h in found.hits]
+                 "score": round(h.score, 6), "version": h.version} for h in found.hits]
         return json_response({"hits": hits})
 
     async def start_conversation(self, request: web.Request) -> web.Response:

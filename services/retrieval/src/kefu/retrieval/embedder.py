@@ -1,4 +1,9 @@
-"""Sentence embeddings with a local sentence-transformers model (default all-MiniLM-L6-v2)."""
+"""Sentence embeddings with a local sentence-transformers model (default all-MiniLM-L6-v2).
+
+Concurrent query encodes are micro-batched: whatever arrives while one forward pass runs goes into the
+next one together, so 32 concurrent searches cost a few batched passes instead of 32 single ones.
+Documents are encoded in slices, so queries never wait behind a whole import.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+DOC_SLICE = 64
+MAX_QUERY_BATCH = 64
 
 
 class Embedder:
@@ -23,15 +31,56 @@ class Embedder:
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dimension() or 384)
         self._lock = asyncio.Lock()
+        self._queries: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self.query_batches = 0
 
     def encode_sync(self, texts: list[str]) -> np.ndarray:
         vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
                                     show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
-    async def encode(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        # One encode at a time: torch already uses every thread it was given.
+    async def _run(self, texts: list[str]) -> np.ndarray:
+        # One forward pass at a time: torch already uses every thread it was given.
         async with self._lock:
             return await asyncio.to_thread(self.encode_sync, texts)
+
+    async def encode_documents(self, texts: list[str]) -> np.ndarray:
+        """Vectors for document chunks, encoded slice by slice so queries can run in between."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = [await self._run(texts[i:i + DOC_SLICE]) for i in range(0, len(texts), DOC_SLICE)]
+        return np.concatenate(parts)
+
+    async def encode_query(self, text: str) -> np.ndarray:
+        """The vector of one query, batched with the queries that arrive meanwhile."""
+        if self._worker is None or self._worker.done():
+            self._queries = asyncio.Queue()
+            self._worker = asyncio.create_task(self._batch_queries())
+        assert self._queries is not None
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queries.put_nowait((text, future))
+        return await future
+
+    async def _batch_queries(self) -> None:
+        assert self._queries is not None
+        while True:
+            batch = [await self._queries.get()]
+            while not self._queries.empty() and len(batch) < MAX_QUERY_BATCH:
+                batch.append(self._queries.get_nowait())
+            try:
+                vectors = await self._run([text for text, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.query_batches += 1
+            for (_, fut), vec in zip(batch, vectors, strict=True):
+                if not fut.done():
+                    fut.set_result(vec)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)

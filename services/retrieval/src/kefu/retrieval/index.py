@@ -1,77 +1,64 @@
-"""Per-tenant hybrid index: faiss inner product over normalized embeddings plus BM25 over jieba/Latin
-tokens, fused with reciprocal rank fusion. Pure in-memory structure; the service feeds it from stream KB."""
+"""Per-tenant hybrid index: three lanes fused with reciprocal rank fusion.
+
+- dense: sentence embeddings in faiss (meaning, paraphrases);
+- lexical: BM25 over jieba/word tokens (Chinese names, rare words);
+- exact: identifiers (model numbers, SKUs, order numbers, error codes) that embeddings blur.
+
+The index itself is pure in-memory state: the service feeds it from stream KB and snapshots it.
+"""
 
 from __future__ import annotations
 
-import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
 
 from kefu.retrieval.chunking import Chunk
-from kefu.shared.text import tokenize
+from kefu.retrieval.dense import DenseIndex
+from kefu.retrieval.lexical import BM25
+from kefu.shared.text import identifiers, query_tokens, tokenize
 
 RRF_K = 60
+LANE_WEIGHTS = {"dense": 1.0, "lexical": 1.0, "exact": 2.0}
 
 
 @dataclass
 class Hit:
     chunk: Chunk
+    # Fused score in [0, 1]: 1 means ranked first by every lane that had something to say.
     score: float
+    dense: float = 0.0
+    lexical: float = 0.0
+    exact: bool = False
+
+
+def rrf(rankings: dict[str, list[int]], weights: dict[str, float], k: int = RRF_K) -> dict[int, float]:
+    """Reciprocal rank fusion of ranked id lists, normalized by the best score the lanes could give."""
+    fused: dict[int, float] = defaultdict(float)
+    for lane, ids in rankings.items():
+        for rank, cid in enumerate(ids):
+            fused[cid] += weights[lane] / (k + rank + 1)
+    best = sum(weights[lane] for lane, ids in rankings.items() if ids) / (k + 1)
+    return {cid: s / best for cid, s in fused.items()} if best else {}
 
 
 @dataclass
-class _BM25:
-    k1: float = 1.2
-    b: float = 0.75
-    postings: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
-    lengths: dict[int, int] = field(default_factory=dict)
-    total_len: int = 0
-
-    def add(self, cid: int, tokens: list[str]) -> None:
-        for tok, tf in Counter(tokens).items():
-            self.postings[tok][cid] = tf
-        self.lengths[cid] = len(tokens)
-        self.total_len += len(tokens)
-
-    def remove(self, cid: int, tokens: list[str]) -> None:
-        for tok in set(tokens):
-            posting = self.postings.get(tok)
-            if posting is not None:
-                posting.pop(cid, None)
-                if not posting:
-                    del self.postings[tok]
-        self.total_len -= self.lengths.pop(cid, 0)
-
-    def search(self, tokens: list[str], limit: int) -> list[tuple[int, float]]:
-        n = len(self.lengths)
-        if not n:
-            return []
-        avg = self.total_len / n
-        scores: dict[int, float] = defaultdict(float)
-        for tok in set(tokens):
-            posting = self.postings.get(tok)
-            if not posting:
-                continue
-            idf = math.log(1 + (n - len(posting) + 0.5) / (len(posting) + 0.5))
-            for cid, tf in posting.items():
-                norm = tf + self.k1 * (1 - self.b + self.b * self.lengths[cid] / avg)
-                scores[cid] += idf * tf * (self.k1 + 1) / norm
-        return sorted(scores.items(), key=lambda kv: -kv[1])[:limit]
-
-
 class TenantIndex:
-    """The chunks of one tenant, searchable by meaning (faiss) and by keywords (BM25)."""
+    """The chunks of one tenant, searchable by meaning, by keywords and by identifier."""
 
-    def __init__(self, dim: int) -> None:
-        self.dense = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self.bm25 = _BM25()
-        self.chunks: dict[int, Chunk] = {}
-        self.tokens: dict[int, list[str]] = {}
-        self.by_doc: dict[str, list[int]] = {}
-        self._next_id = 0
+    dim: int
+    hnsw_threshold: int = 20_000
+    dense: DenseIndex = field(init=False)
+    lexical: BM25 = field(default_factory=BM25)
+    exact: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    chunks: dict[int, Chunk] = field(default_factory=dict)
+    tokens: dict[int, list[str]] = field(default_factory=dict)
+    by_doc: dict[str, list[int]] = field(default_factory=dict)
+    next_id: int = 0
+
+    def __post_init__(self) -> None:
+        self.dense = DenseIndex(self.dim, self.hnsw_threshold)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -79,37 +66,60 @@ class TenantIndex:
     def upsert(self, doc_id: str, chunks: list[Chunk], vectors: np.ndarray) -> None:
         """Replace every chunk of ``doc_id`` with ``chunks`` (``vectors`` row-aligned, L2-normalized)."""
         self.delete(doc_id)
-        ids = np.arange(self._next_id, self._next_id + len(chunks), dtype=np.int64)
-        self._next_id += len(chunks)
-        if len(chunks):
-            self.dense.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        ids = np.arange(self.next_id, self.next_id + len(chunks), dtype=np.int64)
+        self.next_id += len(chunks)
+        self.dense.add(ids, vectors)
         for cid, chunk in zip(ids.tolist(), chunks, strict=True):
             toks = tokenize(chunk.embed_text)
             self.chunks[cid] = chunk
             self.tokens[cid] = toks
-            self.bm25.add(cid, toks)
+            self.lexical.add(cid, toks)
+            for ident in identifiers(chunk.embed_text):
+                self.exact[ident].add(cid)
         self.by_doc[doc_id] = ids.tolist()
 
     def delete(self, doc_id: str) -> None:
         ids = self.by_doc.pop(doc_id, [])
         if not ids:
             return
-        self.dense.remove_ids(np.asarray(ids, dtype=np.int64))
+        self.dense.remove(ids)
         for cid in ids:
-            self.bm25.remove(cid, self.tokens.pop(cid))
-            del self.chunks[cid]
+            chunk = self.chunks.pop(cid)
+            self.lexical.remove(cid, self.tokens.pop(cid))
+            for ident in identifiers(chunk.embed_text):
+                holders = self.exact.get(ident)
+                if holders is not None:
+                    holders.discard(cid)
+                    if not holders:
+                        del self.exact[ident]
 
-    def search(self, query: str, vector: np.ndarray, k: int, candidates: int = 50) -> list[Hit]:
-        """Top ``k`` chunks by reciprocal rank fusion of the dense and the keyword ranking."""
+    def search(self, query: str, vector: np.ndarray | None, k: int, candidates: int = 50,
+               lanes: tuple[str, ...] = ("dense", "lexical", "exact")) -> list[Hit]:
+        """Top ``k`` chunks for ``query``; ``lanes`` selects lanes (the quality benchmark compares them)."""
         if not self.chunks:
             return []
-        fused: dict[int, float] = defaultdict(float)
-        n = min(candidates, len(self.chunks))
-        _, ids = self.dense.search(np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32), n)
-        for rank, cid in enumerate(i for i in ids[0].tolist() if i >= 0):
-            fused[cid] += 1.0 / (RRF_K + rank + 1)
-        for rank, (cid, _) in enumerate(self.bm25.search(tokenize(query), n)):
-            # Exact keywords (SKUs, Chinese names) weigh as much as meaning does.
-            fused[cid] += 1.0 / (RRF_K + rank + 1)
-        best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
-        return [Hit(self.chunks[cid], score) for cid, score in best]
+        rankings: dict[str, list[int]] = {}
+        dense_scores: dict[int, float] = {}
+        lexical_scores: dict[int, float] = {}
+        if "dense" in lanes and vector is not None:
+            found = self.dense.search(vector, candidates)
+            rankings["dense"] = [cid for cid, _ in found]
+            dense_scores = dict(found)
+        if "lexical" in lanes:
+            found = self.lexical.search(query_tokens(query), candidates)
+            rankings["lexical"] = [cid for cid, _ in found]
+            lexical_scores = dict(found)
+        wanted = identifiers(query)
+        exact_ids: set[int] = set()
+        if "exact" in lanes and wanted:
+            matches: dict[int, int] = defaultdict(int)
+            for ident in wanted:
+                for cid in self.exact.get(ident, ()):
+                    matches[cid] += 1
+            exact_ids = set(matches)
+            # More identifiers matched first; among equals, the keyword lane's order decides.
+            rankings["exact"] = sorted(matches, key=lambda c: (-matches[c], -lexical_scores.get(c, 0.0), c))[:candidates]
+        fused = rrf(rankings, LANE_WEIGHTS)
+        best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        return [Hit(self.chunks[cid], round(score, 6), dense_scores.get(cid, 0.0), lexical_scores.get(cid, 0.0),
+                    cid in exact_ids) for cid, score in best]

@@ -121,13 +121,24 @@ class SearchHit(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    DENSE_FIELD_NUMBER: _builtins.int
+    LEXICAL_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     doc_id: _builtins.str
     chunk_id: _builtins.str
     title: _builtins.str
     text: _builtins.str
     score: _builtins.float
+    """Reciprocal rank fusion of the lanes, in [0, 1]: 1 when every lane ranked the chunk first."""
     version: _builtins.int
     """The document version (KB stream sequence) the chunk comes from."""
+    dense: _builtins.float
+    """The lanes' own evidence, for telling a confident hit from a weak one: cosine similarity (0 when the
+    dense lane did not rank it), BM25 score, and whether an identifier of the query (model number, SKU,
+    order number) appears in the chunk.
+    """
+    lexical: _builtins.float
+    exact: _builtins.bool
     def __init__(
         self,
         *,
@@ -137,10 +148,13 @@ class SearchHit(_message.Message):
         text: _builtins.str = ...,
         score: _builtins.float = ...,
         version: _builtins.int = ...,
+        dense: _builtins.float = ...,
+        lexical: _builtins.float = ...,
+        exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "doc_id", b"doc_id", "score", b"score", "text", b"text", "title", b"title", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "dense", b"dense", "doc_id", b"doc_id", "exact", b"exact", "lexical", b"lexical", "score", b"score", "text", b"text", "title", b"title", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
