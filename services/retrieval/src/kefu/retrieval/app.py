@@ -22,7 +22,7 @@ from kefu.proto.bus.v1 import retrieval_pb2
 from kefu.retrieval import snapshot
 from kefu.retrieval.chunking import Chunk, chunk_document
 from kefu.retrieval.embedder import Embedder
-from kefu.retrieval.index import TenantIndex
+from kefu.retrieval.index import TenantIndex, lane_weights
 from kefu.shared import text
 from kefu.shared.bus import Bus, decode, ensure_stream
 from kefu.shared.config import KefuSettings
@@ -44,6 +44,17 @@ class RetrievalSettings(KefuSettings):
     # Seconds between snapshots (when something changed); 0 turns snapshots off.
     snapshot_interval: float = Field(default=60.0, ge=0)
     chunk_chars: int = Field(default=500, ge=100)
+    # Languages the embedder understands (comma-separated, "*" for all). "auto": English for the bundled
+    # all-MiniLM-L6-v2, all for a model of your own. Queries in other languages skip the dense lane.
+    embed_languages: str = "auto"
+
+    def dense_languages(self) -> frozenset[str] | None:
+        value = self.embed_languages.strip()
+        if value == "auto":
+            return None if self.embed_model else frozenset({"en"})
+        if value == "*":
+            return None
+        return frozenset(x.strip() for x in value.split(",") if x.strip())
 
 
 @dataclass
@@ -68,6 +79,7 @@ class RetrievalService(Service):
         self._applied = asyncio.Condition()
         self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
         self._apply_lock = asyncio.Lock()
+        self.dense_languages = self.settings.dense_languages()
 
     @property
     def snapshot_path(self) -> Path:
@@ -217,8 +229,15 @@ class RetrievalService(Service):
         if index is None or not req.query.strip():
             return reply
         assert self.embedder is not None
-        vector = await self.embedder.encode_query(req.query)
-        for hit in index.search(req.query, vector, k):
+        weights = lane_weights(req.query, self.dense_languages)
+        t0 = time.perf_counter()
+        # No forward pass when the embedder does not read the query's language.
+        vector = await self.embedder.encode_query(req.query) if weights["dense"] > 0 else None
+        t1 = time.perf_counter()
+        hits = index.search(req.query, vector, k, weights=weights)
+        self.log.debug("searched", encode_ms=round((t1 - t0) * 1000, 2),
+                       search_ms=round((time.perf_counter() - t1) * 1000, 2), hits=len(hits))
+        for hit in hits:
             c = hit.chunk
             reply.hits.add(doc_id=c.doc_id, chunk_id=c.chunk_id, title=c.title, text=c.text, score=hit.score,
                            version=c.version, dense=hit.dense, lexical=hit.lexical, exact=hit.exact)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+# One query at a time: faiss's OpenMP threads would only spin and take the cores the embedder needs.
+faiss.omp_set_num_threads(1)
+
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 96

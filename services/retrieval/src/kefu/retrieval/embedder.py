@@ -8,6 +8,7 @@ Documents are encoded in slices, so queries never wait behind a whole import.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class Embedder:
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dimension() or 384)
         self._lock = asyncio.Lock()
+        # Every encode on one thread: torch keeps its per-thread state warm, and they never overlap.
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._queries: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self.query_batches = 0
@@ -43,7 +46,7 @@ class Embedder:
     async def _run(self, texts: list[str]) -> np.ndarray:
         # One forward pass at a time: torch already uses every thread it was given.
         async with self._lock:
-            return await asyncio.to_thread(self.encode_sync, texts)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, self.encode_sync, texts)
 
     async def encode_documents(self, texts: list[str]) -> np.ndarray:
         """Vectors for document chunks, encoded slice by slice so queries can run in between."""
@@ -69,7 +72,11 @@ class Embedder:
             while not self._queries.empty() and len(batch) < MAX_QUERY_BATCH:
                 batch.append(self._queries.get_nowait())
             try:
-                vectors = await self._run([text for text, _ in batch])
+                # Queries are encoded on the event loop itself: a batch takes ~10 ms, less than the
+                # thread hand-off would add, and the searches that arrive meanwhile wait in the
+                # socket to form the next batch.
+                async with self._lock:
+                    vectors = self.encode_sync([text for text, _ in batch])
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -84,3 +91,4 @@ class Embedder:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None

@@ -17,10 +17,24 @@ import numpy as np
 from kefu.retrieval.chunking import Chunk
 from kefu.retrieval.dense import DenseIndex
 from kefu.retrieval.lexical import BM25
-from kefu.shared.text import identifiers, query_tokens, tokenize
+from kefu.shared.text import has_cjk, identifiers, query_tokens, tokenize
 
 RRF_K = 60
 LANE_WEIGHTS = {"dense": 1.0, "lexical": 1.0, "exact": 2.0}
+ALL_LANES = ("dense", "lexical", "exact")
+
+
+def query_language(query: str) -> str:
+    return "zh" if has_cjk(query) else "en"
+
+
+def lane_weights(query: str, embed_languages: frozenset[str] | None) -> dict[str, float]:
+    """Lane weights for ``query``. The dense lane counts only when the embedder knows the query's
+    language (``None``: it knows them all): an English-only model ranks Chinese text by noise."""
+    weights = dict(LANE_WEIGHTS)
+    if embed_languages is not None and query_language(query) not in embed_languages:
+        weights["dense"] = 0.0
+    return weights
 
 
 @dataclass
@@ -33,12 +47,14 @@ class Hit:
     exact: bool = False
 
 
-def rrf(rankings: dict[str, list[int]], weights: dict[str, float], k: int = RRF_K) -> dict[int, float]:
-    """Reciprocal rank fusion of ranked id lists, normalized by the best score the lanes could give."""
+def rrf(rankings: dict[str, list[int]], weights: dict[str, float], k: int = RRF_K,
+        tied: frozenset[str] | set[str] = frozenset()) -> dict[int, float]:
+    """Reciprocal rank fusion of ranked id lists, normalized by the best score the lanes could give.
+    The ids of a lane in ``tied`` all share its first rank (a set, not a ranking)."""
     fused: dict[int, float] = defaultdict(float)
     for lane, ids in rankings.items():
         for rank, cid in enumerate(ids):
-            fused[cid] += weights[lane] / (k + rank + 1)
+            fused[cid] += weights[lane] / (k + (0 if lane in tied else rank) + 1)
     best = sum(weights[lane] for lane, ids in rankings.items() if ids) / (k + 1)
     return {cid: s / best for cid, s in fused.items()} if best else {}
 
@@ -94,10 +110,13 @@ class TenantIndex:
                         del self.exact[ident]
 
     def search(self, query: str, vector: np.ndarray | None, k: int, candidates: int = 50,
-               lanes: tuple[str, ...] = ("dense", "lexical", "exact")) -> list[Hit]:
-        """Top ``k`` chunks for ``query``; ``lanes`` selects lanes (the quality benchmark compares them)."""
+               lanes: tuple[str, ...] = ALL_LANES, weights: dict[str, float] | None = None) -> list[Hit]:
+        """Top ``k`` chunks for ``query``; ``lanes`` selects lanes (the quality benchmark compares them),
+        ``weights`` their say in the fusion (see :func:`lane_weights`)."""
         if not self.chunks:
             return []
+        weights = weights or LANE_WEIGHTS
+        lanes = tuple(lane for lane in lanes if weights.get(lane, 0.0) > 0) or lanes
         rankings: dict[str, list[int]] = {}
         dense_scores: dict[int, float] = {}
         lexical_scores: dict[int, float] = {}
@@ -116,10 +135,14 @@ class TenantIndex:
             for ident in wanted:
                 for cid in self.exact.get(ident, ()):
                     matches[cid] += 1
-            exact_ids = set(matches)
-            # More identifiers matched first; among equals, the keyword lane's order decides.
-            rankings["exact"] = sorted(matches, key=lambda c: (-matches[c], -lexical_scores.get(c, 0.0), c))[:candidates]
-        fused = rrf(rankings, LANE_WEIGHTS)
-        best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+            most = max(matches.values(), default=0)
+            # Every chunk naming all the identifiers found ranks first here: the lane says "this is about
+            # that product", and the other lanes decide which of its chunks answers.
+            exact_ids = {cid for cid, n in matches.items() if n == most}
+            rankings["exact"] = sorted(exact_ids)
+        fused = rrf(rankings, weights, tied={"exact"})
+        # Ties (lanes that disagree completely) go to the closer meaning, then to the stronger keywords.
+        best = sorted(fused.items(), key=lambda kv: (-kv[1], -dense_scores.get(kv[0], 0.0),
+                                                     -lexical_scores.get(kv[0], 0.0), kv[0]))[:k]
         return [Hit(self.chunks[cid], round(score, 6), dense_scores.get(cid, 0.0), lexical_scores.get(cid, 0.0),
                     cid in exact_ids) for cid, score in best]
