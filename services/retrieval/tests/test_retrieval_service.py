@@ -5,6 +5,7 @@ import pytest
 
 from kefu.proto.bus.v1 import retrieval_pb2
 from kefu.retrieval.app import RetrievalService, RetrievalSettings
+from kefu.retrieval.index import lane_weights
 from kefu.shared import errors
 from kefu.shared.service import start_in_background
 from kefu.shared.streams import kb_subject
@@ -74,6 +75,19 @@ async def test_a_new_replica_rebuilds_the_index_from_the_stream(stack, bus, uniq
     try:
         index = replica.indexes[tenant]
         assert set(index.by_doc) == {"a"}
+        # Same stream, same results: the replica answers exactly like the running service.
+        await put(bus, tenant, "c", "Shipping", "Orders ship within two days.")
+        seq = await put(bus, tenant, "d", "保修", "所有产品保修两年。")
+        running = stack.services["retrieval"]
+        await running._wait_applied(seq)
+        await replica._wait_applied(seq)
+        for query in ("warranty years", "保修多久", "shipping time"):
+            found = []
+            for service in (running, replica):
+                vector = await service.embedder.encode_query(query)
+                weights = lane_weights(query, service.dense_languages)
+                found.append([h.chunk.chunk_id for h in service.indexes[tenant].search(query, vector, 5, weights=weights)])
+            assert found[0] == found[1] and found[0]
     finally:
         stop.set()
         await task

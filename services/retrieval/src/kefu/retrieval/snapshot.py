@@ -17,8 +17,9 @@ from typing import Any
 
 from kefu.retrieval.dense import DenseIndex
 from kefu.retrieval.index import TenantIndex
+from kefu.retrieval.lexical import BM25
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -34,7 +35,7 @@ def _tenant_state(index: TenantIndex) -> dict[str, Any]:
         "dim": index.dim, "hnsw_threshold": index.hnsw_threshold, "next_id": index.next_id,
         "chunks": index.chunks, "tokens": index.tokens, "by_doc": index.by_doc,
         "exact": dict(index.exact), "postings": dict(index.lexical.postings), "lengths": index.lexical.lengths,
-        "total_len": index.lexical.total_len, "dense": index.dense.to_bytes(), "hnsw": index.dense.hnsw,
+        "dense": index.dense.to_bytes(), "hnsw": index.dense.hnsw,
         "tombstones": index.dense.tombstones,
     }
 
@@ -44,8 +45,7 @@ def _tenant_from(state: dict[str, Any]) -> TenantIndex:
     index.next_id, index.chunks, index.tokens, index.by_doc = (state["next_id"], state["chunks"], state["tokens"],
                                                                state["by_doc"])
     index.exact.update(state["exact"])
-    index.lexical.postings.update(state["postings"])
-    index.lexical.lengths, index.lexical.total_len = state["lengths"], state["total_len"]
+    index.lexical = BM25.restore(state["postings"], state["lengths"])
     index.dense = DenseIndex.from_bytes(state["dense"], state["dim"], state["hnsw_threshold"], state["hnsw"],
                                         state["tombstones"])
     return index
