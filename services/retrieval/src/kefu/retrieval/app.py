@@ -77,7 +77,9 @@ class RetrievalService(Service):
         self.applied_seq = 0
         self.snapshot_seq = 0
         self._applied = asyncio.Condition()
-        self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        # Bounded: a replay of a large KB waits here instead of piling up in memory.
+        self._inbox: asyncio.Queue[Msg] = asyncio.Queue(maxsize=4 * APPLY_BATCH)
+        self.failed_docs = 0
         self._apply_lock = asyncio.Lock()
         self.dense_languages = self.settings.dense_languages()
 
@@ -118,7 +120,7 @@ class RetrievalService(Service):
 
     def health_details(self) -> dict[str, str]:
         return {"applied_seq": str(self.applied_seq), "tenants": str(len(self.indexes)),
-                "chunks": str(sum(len(i) for i in self.indexes.values()))}
+                "chunks": str(sum(len(i) for i in self.indexes.values())), "failed_docs": str(self.failed_docs)}
 
     @staticmethod
     async def _stop_task(task: asyncio.Task[None]) -> None:
@@ -160,7 +162,7 @@ class RetrievalService(Service):
     # Applying the KB stream
 
     async def _on_kb(self, msg: Msg) -> None:
-        self._inbox.put_nowait(msg)
+        await self._inbox.put(msg)
 
     async def _wait_applied(self, seq: int) -> None:
         async with self._applied:
@@ -175,7 +177,15 @@ class RetrievalService(Service):
                 try:
                     await self.apply_batch(batch)
                 except Exception:
-                    self.log.exception("failed to apply kb batch", first=batch[0].metadata.sequence.stream)
+                    # One bad document must not cost the others: apply them one by one.
+                    self.log.exception("kb batch failed, applying its messages one by one",
+                                       first=batch[0].metadata.sequence.stream)
+                    for msg in batch:
+                        try:
+                            await self.apply_batch([msg])
+                        except Exception:
+                            self.failed_docs += 1
+                            self.log.exception("kb message not applied", seq=msg.metadata.sequence.stream)
             async with self._applied:
                 self.applied_seq = max(self.applied_seq, batch[-1].metadata.sequence.stream)
                 self._applied.notify_all()
