@@ -16,6 +16,9 @@ import numpy as np
 
 DOC_SLICE = 64
 MAX_QUERY_BATCH = 64
+# Under load, how long a batch waits for more queries: without it, batches alternate between one query
+# (encoded alone, as expensively as a dozen) and everything that piled up meanwhile.
+BATCH_WINDOW_S = 0.003
 
 
 class Embedder:
@@ -67,10 +70,20 @@ class Embedder:
 
     async def _batch_queries(self) -> None:
         assert self._queries is not None
+        busy = False
         while True:
             batch = [await self._queries.get()]
+            if busy:  # the last batch had company: give this one a moment to fill up
+                deadline = asyncio.get_running_loop().time() + BATCH_WINDOW_S
+                while len(batch) < MAX_QUERY_BATCH:
+                    try:
+                        remaining = deadline - asyncio.get_running_loop().time()
+                        batch.append(await asyncio.wait_for(self._queries.get(), max(remaining, 0)))
+                    except TimeoutError:
+                        break
             while not self._queries.empty() and len(batch) < MAX_QUERY_BATCH:
                 batch.append(self._queries.get_nowait())
+            busy = len(batch) > 1
             try:
                 # Queries are encoded on the event loop itself: a batch takes ~10 ms, less than the
                 # thread hand-off would add, and the searches that arrive meanwhile wait in the
