@@ -27,6 +27,25 @@ def test_evidence_is_the_answering_sentence_and_the_facts_it_must_keep():
     assert ev.sentence == "Refunds take 3 working days." and ev.required == {"3"}
 
 
+def test_a_weak_passage_needs_more_in_common_to_win():
+    strong = Passage("codes", "Error codes", "E05 - Dustbin missing: reinstall the dustbin.", score=1.0)
+    weak = Passage("store", "Chengdu store", "Live demos of the RV-300 and RV-500 vacuums, E05 fixes while you wait.",
+                   score=0.3)
+    assert best_evidence("RV-300 E05 what to do", [weak, strong]).doc_id == "codes"
+
+
+def test_an_faq_answers_with_its_answer_not_its_question():
+    faq = Passage("faq-1", "Can I pay with Alipay?", "Can I pay with Alipay?\nYes, we accept Alipay and WeChat Pay.")
+    assert best_evidence("can I pay using alipay", [faq]).sentence == "Yes, we accept Alipay and WeChat Pay."
+
+
+def test_the_question_said_back_is_not_an_answer():
+    ev = best_evidence("Can I pay with Alipay?", [Passage("pay", "Payment", "Yes, we accept Alipay and WeChat Pay.")])
+    assert not sentence_ok("Can I pay with Alipay?", query="Can I pay with Alipay?",
+                           passages=[Passage("pay", "Payment", "Yes, we accept Alipay and WeChat Pay.")],
+                           evidence=ev, first=True)
+
+
 def test_no_evidence_when_nothing_is_shared():
     assert best_evidence("hello there", [LAMP, KETTLE]) is None
     assert best_evidence("", [LAMP]) is None

@@ -137,6 +137,7 @@ _REFINED: dict[str, type[KefuError]] = {
     "invalid_token": Unauthenticated,
     "concurrent_update": Conflict,
     "service_unavailable": Unavailable,
+    "indexing": Unavailable,
 }
 
 

@@ -43,7 +43,7 @@ def has_cjk(text: str) -> bool:
     return bool(_HAS_CJK.search(text))
 
 
-def tokenize(text: str) -> list[str]:
+def tokenize(text: str, split_codes: bool = True) -> list[str]:
     """Keyword tokens: lower-case Latin words and codes (also split at '-'), jieba search-mode words for
     Chinese runs plus their single characters, so "上海交通大学" matches "上海" and "交通大学"."""
     text = normalize(text)
@@ -51,7 +51,7 @@ def tokenize(text: str) -> list[str]:
     for m in _LATIN_TOKEN.finditer(text):
         tok = m.group()
         tokens.append(tok)
-        if "-" in tok or "_" in tok:
+        if split_codes and ("-" in tok or "_" in tok):
             tokens.extend(p for p in re.split(r"[-_]", tok) if p)
     for run in _CJK_RUN.findall(text):
         words = [w for w in jieba.cut_for_search(run) if w.strip()]
@@ -90,8 +90,9 @@ def identifiers(text: str) -> set[str]:
 
 
 def content_tokens(text: str) -> set[str]:
-    """The tokens of ``text`` that carry meaning (no stop words, no single CJK particles)."""
-    return {t for t in tokenize(text) if t not in STOPWORDS}
+    """The tokens of ``text`` that carry meaning (no stop words), a code counted once ("rv-300", not
+    also "rv" and "300")."""
+    return {t for t in tokenize(text, split_codes=False) if t not in STOPWORDS}
 
 
 def split_sentences(text: str) -> list[str]:

@@ -50,6 +50,7 @@ class AnswerSettings:
     search_k: int = 4
     max_tokens: int = 96
     first_chunk_timeout: float = 20.0
+    search_timeout: float = 40.0
     chunk_timeout: float = 10.0
     llm_enabled: bool = True
 
@@ -74,9 +75,9 @@ class Answerer:
         found = await self.bus.request(
             "kefu.retrieval.search",
             retrieval_pb2.SearchRequest(tenant=tenant, query=text, k=self.settings.search_k, min_kb_seq=kb_min_seq),
-            retrieval_pb2.SearchReply,
+            retrieval_pb2.SearchReply, timeout=self.settings.search_timeout,
         )
-        passages = [Passage(h.doc_id, h.title, h.text) for h in found.hits]
+        passages = [Passage(h.doc_id, h.title, h.text, h.score) for h in found.hits]
         evidence = best_evidence(text, passages)
         if evidence is None:
             reply = Answer(NO_ANSWER_TEXT[lang(text)], "kb")

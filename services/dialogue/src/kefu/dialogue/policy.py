@@ -43,6 +43,8 @@ class Passage:
     doc_id: str
     title: str
     text: str
+    # Retrieval's fused score in [0, 1]; sentences of weaker passages need more words in common to win.
+    score: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,16 @@ def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
     if not q:
         return None
     best: tuple[tuple[float, float, int], Evidence] | None = None
+    top = max((p.score for p in passages), default=0.0) or 1.0
     for rank, p in enumerate(passages):
         title_tokens = content_tokens(p.title)
         for sentence in split_sentences(p.text):
+            if sentence.rstrip().endswith(("?", "？")):
+                continue  # a question (an FAQ's own, say) is not an answer
             own = _weighted_overlap(q, sentence, title_tokens)
             if own <= _TITLE_WEIGHT:
                 continue  # the sentence itself says nothing the question asks about
-            score = float(len(q & (content_tokens(sentence) | title_tokens)))
+            score = len(q & (content_tokens(sentence) | title_tokens)) * (p.score / top)
             clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
             clause = max(clauses, key=lambda c: (_weighted_overlap(q, c, title_tokens), bool(facts(c))))
             required = frozenset(facts(clause) - facts(query))
@@ -108,6 +113,8 @@ def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence:
     answer the question."""
     if not sentence.strip() or _ECHO.search(sentence):
         return False
+    if content_tokens(sentence) <= content_tokens(query):
+        return False  # the question said back, not an answer
     known = facts(query) | {f for p in passages for f in facts(p.title + " " + p.text)}
     said = facts(sentence)
     if said - known:

@@ -29,6 +29,7 @@ class GatewaySettings(KefuSettings):
     # Comma-separated tenants this deployment serves; empty: any well-formed tenant id.
     tenants: str = ""
     turn_timeout: float = Field(default=90.0, gt=0)
+    search_timeout: float = Field(default=40.0, gt=0)
     visitor_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
     rate_messages_per_second: float = Field(default=2.0, gt=0)
     rate_messages_burst: float = Field(default=20.0, ge=1)
@@ -52,7 +53,8 @@ class GatewayService(Service):
         auth = Auth(admin_token(s.data_dir), signing_secret(s.data_dir), s.visitor_token_ttl)
         services = [x.strip() for x in s.ready_services.split(",") if x.strip()]
         tenants = frozenset(x.strip() for x in s.tenants.split(",") if x.strip())
-        core = Core(bus, turn_timeout=s.turn_timeout, services=services, tenants=tenants)
+        core = Core(bus, turn_timeout=s.turn_timeout, services=services, tenants=tenants,
+                    search_timeout=s.search_timeout)
         await core.setup()
         api = HttpApi(core, auth, message_limiter=RateLimiter(s.rate_messages_per_second, s.rate_messages_burst),
                       start_limiter=RateLimiter(s.rate_starts_per_second, s.rate_starts_burst))

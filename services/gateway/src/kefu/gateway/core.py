@@ -34,9 +34,12 @@ class Final:
 class Core:
     """The gateway's view of kefu: conversations via dialogue, knowledge via stream KB and retrieval."""
 
-    def __init__(self, bus: Bus, *, turn_timeout: float, services: list[str], tenants: frozenset[str] = frozenset()) -> None:
+    def __init__(self, bus: Bus, *, turn_timeout: float, services: list[str], tenants: frozenset[str] = frozenset(),
+                 search_timeout: float = 40.0) -> None:
         self.bus = bus
         self.turn_timeout = turn_timeout
+        # Retrieval may wait for a just-stored document to be indexed (up to its KEFU_SEARCH_WAIT).
+        self.search_timeout = search_timeout
         self.services = services
         # When set, the only tenants this deployment serves; others are unknown (404).
         self.tenants = tenants
@@ -87,7 +90,8 @@ class Core:
     async def search(self, tenant: str, query: str, k: int) -> retrieval_pb2.SearchReply:
         self.tenant(tenant)
         return await self.bus.request("kefu.retrieval.search", retrieval_pb2.SearchRequest(
-            tenant=tenant, query=query[:MAX_MESSAGE_CHARS], k=k, min_kb_seq=self.kb_seq), retrieval_pb2.SearchReply)
+            tenant=tenant, query=query[:MAX_MESSAGE_CHARS], k=k, min_kb_seq=self.kb_seq), retrieval_pb2.SearchReply,
+            timeout=self.search_timeout)
 
     # Conversations
 

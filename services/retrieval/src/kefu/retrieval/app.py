@@ -26,7 +26,7 @@ from kefu.retrieval.index import TenantIndex, lane_weights
 from kefu.shared import text
 from kefu.shared.bus import Bus, decode, ensure_stream
 from kefu.shared.config import KefuSettings
-from kefu.shared.errors import BadRequest, KefuError
+from kefu.shared.errors import BadRequest, KefuError, Unavailable
 from kefu.shared.models import DEFAULT_EMBED, resolve, sha256_path
 from kefu.shared.service import Service
 from kefu.shared.streams import KB_SUBJECTS, STREAM_KB, kb_stream, kb_subject
@@ -44,6 +44,8 @@ class RetrievalSettings(KefuSettings):
     # Seconds between snapshots (when something changed); 0 turns snapshots off.
     snapshot_interval: float = Field(default=60.0, ge=0)
     chunk_chars: int = Field(default=500, ge=100)
+    # How long a search waits for the KB changes it must see (read-your-writes) before answering 503.
+    search_wait: float = Field(default=30.0, gt=0)
     # Languages the embedder understands (comma-separated, "*" for all). "auto": English for the bundled
     # all-MiniLM-L6-v2, all for a model of your own. Queries in other languages skip the dense lane.
     embed_languages: str = "auto"
@@ -231,9 +233,11 @@ class RetrievalService(Service):
             raise BadRequest(f"k must be at most {MAX_K}", code="invalid_field")
         if req.min_kb_seq > self.applied_seq:
             try:
-                await asyncio.wait_for(self._wait_applied(req.min_kb_seq), 5.0)
+                await asyncio.wait_for(self._wait_applied(req.min_kb_seq), self.settings.search_wait)
             except TimeoutError:
-                self.log.warning("search before kb caught up", want=req.min_kb_seq, have=self.applied_seq)
+                # Never answer from an index that lacks a change the caller has already been told is stored.
+                raise Unavailable(f"the knowledge base is still indexing ({self.applied_seq} of {req.min_kb_seq})",
+                                  code="indexing") from None
         reply = retrieval_pb2.SearchReply(applied_seq=self.applied_seq)
         index = self.indexes.get(req.tenant)
         if index is None or not req.query.strip():
