@@ -70,27 +70,50 @@ class BM25:
         return arrays
 
     def search(self, tokens: list[str], limit: int, max_df: float = 0.3) -> list[tuple[int, float]]:
-        """Top ``limit`` chunks for the query ``tokens``. Tokens in more than ``max_df`` of all chunks
-        (and at least 1,000) are skipped: their weight is near zero and their postings are long."""
+        """Top ``limit`` chunks for the query ``tokens``.
+
+        Terms are scored rarest first. Once ``limit`` candidates score more than the most the remaining
+        (common) terms could add together, no chunk outside the candidates can reach the top, so those
+        terms only re-score the candidates (MaxScore pruning): "warranty" with 20k postings costs a
+        lookup per candidate instead of a pass over all of them. Tokens in more than ``max_df`` of all
+        chunks (and at least 1,000) are skipped.
+        """
         n = len(self.lengths)
         if not n:
             return []
         avg = self.total_len / n
         too_common = max(1000, int(max_df * n))
-        ids_parts, weight_parts = [], []
+        terms = []
         for tok in set(tokens):
             posting = self.postings.get(tok)
             if not posting or len(posting) > too_common:
                 continue
-            ids, tf = self._posting_arrays(tok, posting)
             idf = math.log(1 + (n - len(posting) + 0.5) / (len(posting) + 0.5))
-            norm = self.k1 * (1 - self.b + self.b * self._length_of[ids] / avg)
-            ids_parts.append(ids)
-            weight_parts.append(idf * tf * (self.k1 + 1) / (tf + norm))
-        if not ids_parts:
+            terms.append((idf, *self._posting_arrays(tok, posting)))
+        if not terms:
             return []
-        uniq, inverse = np.unique(np.concatenate(ids_parts), return_inverse=True)
-        scores = np.bincount(inverse, weights=np.concatenate(weight_parts))
-        top = np.argpartition(-scores, limit)[:limit] if len(uniq) > limit else np.arange(len(uniq))
-        order = top[np.lexsort((uniq[top], -scores[top]))]
-        return [(int(uniq[i]), float(scores[i])) for i in order]
+        terms.sort(key=lambda term: -term[0])
+        k1, b = self.k1, self.b
+        # The most a term can add to one chunk's score (tf -> infinity, shortest chunk).
+        remaining = [sum(idf * (k1 + 1) for idf, _, _ in terms[i:]) for i in range(len(terms))]
+
+        def weight(idf: float, ids: np.ndarray, tf: np.ndarray) -> np.ndarray:
+            return idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * self._length_of[ids] / avg))
+
+        idf, ids, tf = terms[0]
+        cand, scores = ids, weight(idf, ids, tf)
+        for i, (idf, ids, tf) in enumerate(terms[1:], 1):
+            if len(cand) >= limit and np.partition(scores, -limit)[-limit] > remaining[i]:
+                # Posting ids ascend (chunk ids only grow): find the candidates in this posting by bisection.
+                pos = np.searchsorted(ids, cand)
+                hit = pos < len(ids)
+                hit[hit] = ids[pos[hit]] == cand[hit]
+                scores = scores.copy()
+                scores[hit] += weight(idf, ids[pos[hit]], tf[pos[hit]])
+                continue
+            merged = np.concatenate([cand, ids])
+            cand, inverse = np.unique(merged, return_inverse=True)
+            scores = np.bincount(inverse, weights=np.concatenate([scores, weight(idf, ids, tf)]))
+        top = np.argpartition(-scores, limit)[:limit] if len(scores) > limit else np.arange(len(scores))
+        order = top[np.lexsort((cand[top], -scores[top]))]
+        return [(int(cand[i]), float(scores[i])) for i in order]
