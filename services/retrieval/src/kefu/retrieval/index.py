@@ -109,7 +109,7 @@ class TenantIndex:
                     if not holders:
                         del self.exact[ident]
 
-    def search(self, query: str, vector: np.ndarray | None, k: int, candidates: int = 50,
+    def search(self, query: str, vector: np.ndarray | None, k: int, candidates: int = 30,
                lanes: tuple[str, ...] = ALL_LANES, weights: dict[str, float] | None = None) -> list[Hit]:
         """Top ``k`` chunks for ``query``; ``lanes`` selects lanes (the quality benchmark compares them),
         ``weights`` their say in the fusion (see :func:`lane_weights`)."""
