@@ -3,10 +3,12 @@ extractive fallback. The decisions are in kefu.dialogue.policy; this module does
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import nats.errors
 
@@ -24,9 +26,11 @@ from kefu.dialogue.policy import (
     split_complete,
     wants_human,
 )
+from kefu.dialogue.state import Provenance
 from kefu.proto.bus.v1 import llm_pb2, retrieval_pb2
 from kefu.shared.bus import Bus, decode
 from kefu.shared.errors import KefuError
+from kefu.shared.lexicon import expansions
 from kefu.shared.logging import get_logger
 from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
 
@@ -35,6 +39,15 @@ log = get_logger("kefu.dialogue.answer")
 MAX_SENTENCES = 2
 
 Emit = Callable[[str], Awaitable[None]]
+# Greedy decoding: the same prompt gives the same answer, so a turn can be re-run from its provenance.
+SAMPLING = {"temperature": 0.0, "top_p": 1.0, "seed": 1}
+
+
+@dataclass
+class _Generation:
+    sampling: str = ""
+    prompt_sha256: str = ""
+    model: str = ""
 
 
 @dataclass
@@ -43,6 +56,7 @@ class Answer:
     source: str
     citations: list[str] = field(default_factory=list)
     handoff: bool = False
+    provenance: Provenance = field(default_factory=Provenance)
 
 
 @dataclass
@@ -60,40 +74,51 @@ class Answerer:
         self.bus = bus
         self.settings = settings
 
-    async def answer(self, *, tenant: str, mode: str, text: str, kb_min_seq: int, emit: Emit) -> Answer:
+    async def answer(self, *, tenant: str, mode: str, text: str, query: str, kb_min_seq: int,
+                     emit: Emit) -> Answer:
+        """The reply to ``text``; ``query`` is what to search (``text`` rewritten with the remembered slots)."""
         language = lang(text)
         if mode == "human":
-            reply = Answer(HUMAN_MODE_TEXT[language], "handoff")
+            reply = Answer(HUMAN_MODE_TEXT[language], "handoff", provenance=Provenance(decision="human_mode"))
         elif wants_human(text):
-            reply = Answer(HANDOFF_TEXT[language], "handoff", handoff=True)
+            reply = Answer(HANDOFF_TEXT[language], "handoff", handoff=True, provenance=Provenance(decision="handoff"))
         else:
-            return await self._from_kb(tenant, text, kb_min_seq, emit)
+            return await self._from_kb(tenant, text, query, kb_min_seq, emit)
         await emit(reply.text)
         return reply
 
-    async def _from_kb(self, tenant: str, text: str, kb_min_seq: int, emit: Emit) -> Answer:
+    async def _from_kb(self, tenant: str, text: str, query: str, kb_min_seq: int, emit: Emit) -> Answer:
+        keywords = expansions(query)
         found = await self.bus.request(
             "kefu.retrieval.search",
-            retrieval_pb2.SearchRequest(tenant=tenant, query=text, k=self.settings.search_k, min_kb_seq=kb_min_seq),
+            retrieval_pb2.SearchRequest(tenant=tenant, query=query, k=self.settings.search_k, min_kb_seq=kb_min_seq,
+                                        keywords=keywords),
             retrieval_pb2.SearchReply, timeout=self.settings.search_timeout,
         )
         passages = [Passage(h.doc_id, h.title, h.text, h.score) for h in found.hits]
-        evidence = best_evidence(text, passages)
+        prov = Provenance(query=query, keywords=tuple(keywords), chunk_ids=tuple(h.chunk_id for h in found.hits),
+                          versions=tuple(h.version for h in found.hits),
+                          scores=tuple(round(h.score, 6) for h in found.hits))
+        evidence = best_evidence(query, passages)
         if evidence is None:
-            reply = Answer(NO_ANSWER_TEXT[lang(text)], "kb")
+            reply = Answer(NO_ANSWER_TEXT[lang(text)], "kb", provenance=replace(prov, decision="no_answer"))
             await emit(reply.text)
             return reply
+        prov = replace(prov, decision="answered", evidence=evidence.sentence,
+                       required_facts=tuple(sorted(evidence.required)))
         if self.settings.llm_enabled:
-            shown = await self._generate_checked(text, passages, evidence, emit)
+            shown, gen = await self._generate_checked(query, passages, evidence, emit)
+            prov = replace(prov, model=gen.model, sampling=gen.sampling, prompt_sha256=gen.prompt_sha256)
             if shown:
                 sep = "" if lang(text) == "zh" else " "
-                return Answer(sep.join(shown), "llm", cited(shown, passages, evidence))
+                return Answer(sep.join(shown), "llm", cited(shown, passages, evidence),
+                              provenance=replace(prov, generated_used=True))
         # The model dropped or invented a fact (or is not there): the cited sentence itself is the answer.
         await emit(evidence.sentence)
-        return Answer(evidence.sentence, "kb", [evidence.doc_id])
+        return Answer(evidence.sentence, "kb", [evidence.doc_id], provenance=prov)
 
     async def _generate_checked(self, query: str, passages: list[Passage], evidence: Evidence,
-                                emit: Emit) -> list[str]:
+                                emit: Emit) -> tuple[list[str], _Generation]:
         """Stream the model's answer, showing each sentence only once it has passed the fact check;
         stop the model at the first sentence that fails. Returns the sentences shown."""
         shown: list[str] = []
@@ -101,15 +126,17 @@ class Answerer:
         buffer = ""
         job_id = uuid.uuid4().hex
         messages = build_messages(query, passages, evidence)
+        gen = _Generation(sampling=json.dumps(SAMPLING, sort_keys=True), prompt_sha256=hashlib.sha256(
+            json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest())
         try:
-            async for piece in self._generate(job_id, messages):
+            async for piece in self._generate(job_id, messages, gen):
                 buffer += piece
                 sentences, buffer = split_complete(buffer)
                 for s in sentences:
                     if len(shown) >= MAX_SENTENCES or not sentence_ok(
                             s, query=query, passages=passages, evidence=evidence, first=not shown):
                         await self._cancel(job_id)
-                        return shown
+                        return shown, gen
                     await emit((sep if shown else "") + s)
                     shown.append(s)
             rest = buffer.strip()
@@ -120,14 +147,14 @@ class Answerer:
         except KefuError as exc:
             log.warning("generation unavailable, answering from the passage", error=exc.message)
             await self._cancel(job_id)
-        return shown
+        return shown, gen
 
-    async def _generate(self, job_id: str, messages: list[dict[str, str]]) -> AsyncIterator[str]:
+    async def _generate(self, job_id: str, messages: list[dict[str, str]], gen: _Generation) -> AsyncIterator[str]:
         """Queue a job on the LLM work queue and yield its text pieces as they arrive at our inbox."""
         s = self.settings
         async with self.bus.inbox() as (inbox, sub):
             job = llm_pb2.GenerateRequest(
-                job_id=job_id, max_tokens=s.max_tokens, temperature=0.0, seed=1, reply_inbox=inbox,
+                job_id=job_id, max_tokens=s.max_tokens, reply_inbox=inbox, **SAMPLING,
                 deadline_ms=int((time.time() + s.first_chunk_timeout + 4 * s.chunk_timeout) * 1000),
                 messages=[llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
             )
@@ -152,6 +179,7 @@ class Answerer:
                 if chunk.text:
                     yield chunk.text
                 if chunk.done:
+                    gen.model = chunk.model
                     return
 
     async def _cancel(self, job_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import uuid
 import weakref
 from contextlib import AsyncExitStack
@@ -12,6 +13,7 @@ from pydantic import Field
 
 from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
+from kefu.dialogue.slots import extract, rewrite
 from kefu.dialogue.state import BotReply, ModeChanged, Started, State, VisitorMessage
 from kefu.dialogue.store import ConversationStore
 from kefu.proto.bus.v1 import turn_pb2
@@ -92,8 +94,9 @@ class DialogueService(Service):
         if len(text) > MAX_TEXT_CHARS:
             raise BadRequest(f"text is longer than {MAX_TEXT_CHARS} characters", code="invalid_field")
         cmid = req.client_msg_id[:128]
+        slots = extract(text, datetime.datetime.now(datetime.UTC))
         async with self._lock(cid):
-            state, seq = await self._append_visitor(cid, text, cmid)
+            state, seq = await self._append_visitor(cid, text, cmid, slots)
             if seq is None:  # a retry of a message that was already answered
                 seq = state.client_msgs[cmid]
                 turn = state.reply_to(seq)
@@ -105,7 +108,9 @@ class DialogueService(Service):
                 await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
                     conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta))
 
-            answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text,
+            # The slots before this message, updated by it (the state already holds both).
+            query = rewrite(text, state.slots)
+            answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
                                                 kb_min_seq=req.kb_min_seq, emit=emit)
             await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
@@ -114,7 +119,8 @@ class DialogueService(Service):
         self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
         return turn_pb2.TurnReply(seq=seq, reply=reply)
 
-    async def _append_visitor(self, cid: str, text: str, cmid: str) -> tuple[State, int | None]:
+    async def _append_visitor(self, cid: str, text: str, cmid: str,
+                              slots: dict[str, str]) -> tuple[State, int | None]:
         """Append the visitor message; (state, None) when ``cmid`` was already answered."""
         assert self.store is not None
         for _ in range(APPEND_RETRIES):
@@ -125,7 +131,7 @@ class DialogueService(Service):
                     return state, None
                 return state, seq  # stored but never answered (a crash in between): answer it now
             try:
-                state, ev = await self.store.append(state, VisitorMessage(text, cmid),
+                state, ev = await self.store.append(state, VisitorMessage(text, cmid, tuple(sorted(slots.items()))),
                                                     msg_id=f"{cid}:{cmid}" if cmid else None)
                 return state, ev.seq
             except Conflict:
@@ -138,7 +144,8 @@ class DialogueService(Service):
             try:
                 if answer.handoff and state.mode != "human":
                     state, _ev = await self.store.append(state, ModeChanged("human", "visitor asked for a human"))
-                await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations), seq))
+                await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations), seq,
+                                                        answer.provenance))
                 return
             except Conflict:
                 state = await self.store.load(state.conversation_id)

@@ -9,6 +9,7 @@ from kefu.dialogue.state import (
     Event,
     ModeChanged,
     OcrResult,
+    Provenance,
     SlotSet,
     Started,
     State,
@@ -28,9 +29,12 @@ def event_to_proto(ev: Event) -> events_pb2.Event:
             pb.started.visitor_id = b.visitor_id
         case VisitorMessage():
             pb.visitor_message.text, pb.visitor_message.client_msg_id = b.text, b.client_msg_id
+            pb.visitor_message.slots.update(dict(b.slots))
         case BotReply():
             pb.bot_reply.text, pb.bot_reply.source, pb.bot_reply.in_reply_to = b.text, b.source, b.in_reply_to
             pb.bot_reply.citations.extend(b.citations)
+            if b.provenance is not None:
+                pb.bot_reply.provenance.CopyFrom(provenance_to_proto(b.provenance))
         case AgentMessage():
             pb.agent_message.agent_id, pb.agent_message.text = b.agent_id, b.text
         case ModeChanged():
@@ -48,10 +52,12 @@ def event_from_proto(pb: events_pb2.Event) -> Event:
     if kind == "started":
         body = Started(pb.started.visitor_id)
     elif kind == "visitor_message":
-        body = VisitorMessage(pb.visitor_message.text, pb.visitor_message.client_msg_id)
+        v = pb.visitor_message
+        body = VisitorMessage(v.text, v.client_msg_id, tuple(sorted(v.slots.items())))
     elif kind == "bot_reply":
         r = pb.bot_reply
-        body = BotReply(r.text, r.source, tuple(r.citations), r.in_reply_to)
+        body = BotReply(r.text, r.source, tuple(r.citations), r.in_reply_to,
+                        provenance_from_proto(r.provenance) if r.HasField("provenance") else None)
     elif kind == "agent_message":
         body = AgentMessage(pb.agent_message.agent_id, pb.agent_message.text)
     elif kind == "mode_changed":
@@ -65,6 +71,19 @@ def event_from_proto(pb: events_pb2.Event) -> Event:
     return Event(pb.id, pb.conversation_id, pb.tenant, pb.seq, pb.ts_ms, pb.writer, pb.lamport, body)
 
 
+def provenance_to_proto(p: Provenance) -> events_pb2.Provenance:
+    return events_pb2.Provenance(
+        decision=p.decision, query=p.query, keywords=list(p.keywords), chunk_ids=list(p.chunk_ids),
+        versions=list(p.versions), scores=list(p.scores), evidence=p.evidence, required_facts=list(p.required_facts),
+        model=p.model, sampling=p.sampling, prompt_sha256=p.prompt_sha256, generated_used=p.generated_used)
+
+
+def provenance_from_proto(pb: events_pb2.Provenance) -> Provenance:
+    return Provenance(pb.decision, pb.query, tuple(pb.keywords), tuple(pb.chunk_ids), tuple(pb.versions),
+                      tuple(round(s, 6) for s in pb.scores), pb.evidence, tuple(pb.required_facts), pb.model,
+                      pb.sampling, pb.prompt_sha256, pb.generated_used)
+
+
 def state_to_proto(s: State) -> turn_pb2.ConversationState:
     pb = turn_pb2.ConversationState(
         conversation_id=s.conversation_id, tenant=s.tenant, visitor_id=s.visitor_id, mode=s.mode,
@@ -72,15 +91,18 @@ def state_to_proto(s: State) -> turn_pb2.ConversationState:
         stream_seq=s.stream_seq,
     )
     for t in s.turns:
-        pb.turns.add(seq=t.seq, role=t.role, text=t.text, source=t.source, citations=list(t.citations),
-                     client_msg_id=t.client_msg_id, in_reply_to=t.in_reply_to)
+        turn = pb.turns.add(seq=t.seq, role=t.role, text=t.text, source=t.source, citations=list(t.citations),
+                            client_msg_id=t.client_msg_id, in_reply_to=t.in_reply_to)
+        if t.provenance is not None:
+            turn.provenance.CopyFrom(provenance_to_proto(t.provenance))
     pb.slots.update(s.slots)
     pb.client_msgs.update(s.client_msgs)
     return pb
 
 
 def state_from_proto(pb: turn_pb2.ConversationState) -> State:
-    turns = tuple(Turn(t.seq, t.role, t.text, t.source, tuple(t.citations), t.client_msg_id, t.in_reply_to)
+    turns = tuple(Turn(t.seq, t.role, t.text, t.source, tuple(t.citations), t.client_msg_id, t.in_reply_to,
+                       provenance_from_proto(t.provenance) if t.HasField("provenance") else None)
                   for t in pb.turns)
     return State(pb.conversation_id, pb.tenant, pb.visitor_id, pb.mode or "bot", pb.seq, turns, dict(pb.slots),
                  pb.summary, pb.created_ms, pb.updated_ms, pb.lamport, pb.stream_seq, dict(pb.client_msgs))

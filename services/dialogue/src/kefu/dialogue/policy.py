@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kefu.shared.text import content_tokens, facts, has_cjk, split_sentences
+from kefu.dialogue.slots import products
+from kefu.shared.lexicon import concepts, expansions
+from kefu.shared.text import content_tokens, facts, has_cjk, query_tokens, split_sentences
 
 _HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|^\s*人工\s*[。！!]?\s*$")
 _HANDOFF_EN = re.compile(
@@ -14,7 +16,9 @@ _HANDOFF_EN = re.compile(
     r"|^\s*(human|agent|operator|representative)( please)?\s*[.!]?\s*$|\breal (person|human)\b|\blive agent\b",
     re.I,
 )
-_CLAUSE = re.compile(r"[，,、：:]")
+# Clauses end at Chinese commas and at commas that are not inside a number ("4,299"); a colon
+# introduces its value ("Price: 4,299 yuan") and stays inside the clause.
+_CLAUSE = re.compile(r"[，、；;]|(?<!\d),|,(?!\d)")
 # Share of a generated sentence's meaningful words that must appear in the passages or the question.
 MIN_SUPPORT = 0.8
 # Weight of a query word that also names the document (title): it picks the document, not the fact.
@@ -62,34 +66,51 @@ def _weighted_overlap(query: set[str], text: str, title_tokens: set[str]) -> flo
     return sum(_TITLE_WEIGHT if t in title_tokens else 1.0 for t in hit)
 
 
-def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
-    """The passage sentence sharing the most meaningful words with ``query`` (None when none shares any
-    beyond the document's title).
+def _question_tokens(query: str) -> set[str]:
+    """The question's meaningful words plus the other words of the concepts it asks about, so "how much"
+    meets "Price:" and "电池" meets "battery"."""
+    extra = expansions(query)
+    return content_tokens(query) | set(query_tokens(" ".join(extra)))
 
-    A sentence is read with its document's title, so "How much is the L2 lamp?" finds the price sentence
-    of the "Desk lamp L2" document rather than any sentence that mentions L2. The facts an answer must
-    keep come from the sentence's best clause, where words that merely name the document weigh less:
-    for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月" that is "保修 18 个月", so 18 is
-    required and 1.7 and 199 are not.
+
+def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
+    """The passage sentence that answers ``query`` best (None when none says anything it asks about).
+
+    A sentence is scored by the question's words it shares (expanded with the concepts' other words,
+    so "多少钱" meets "Price:"), the concepts it covers (price, warranty, battery, ...), whether its
+    document is about the product the question names ("X100" is not the "X100 Pro"), and retrieval's
+    rank. The facts an answer must keep come from the sentence's best clause, where words that merely
+    name the document weigh less: for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月"
+    that is "保修 18 个月", so 18 is required and 1.7 and 199 are not.
     """
-    q = content_tokens(query)
+    q = _question_tokens(query)
     if not q:
         return None
+    asked = concepts(query)
+    named = products(query)
     best: tuple[tuple[float, float, int], Evidence] | None = None
     top = max((p.score for p in passages), default=0.0) or 1.0
     for rank, p in enumerate(passages):
         title_tokens = content_tokens(p.title)
+        about = products(p.title)
+        # +2 when the document is about the named product, -2 when it is about another one.
+        identity = 0.0 if not named or not about else (2.0 if named & about else -2.0)
+        prior = p.score / top + 1.0 / (1 + rank)
         for sentence in split_sentences(p.text):
             if sentence.rstrip().endswith(("?", "？")):
                 continue  # a question (an FAQ's own, say) is not an answer
             own = _weighted_overlap(q, sentence, title_tokens)
-            if own <= _TITLE_WEIGHT:
+            covered = len(asked & concepts(sentence))
+            if own <= _TITLE_WEIGHT and not covered:
                 continue  # the sentence itself says nothing the question asks about
-            score = len(q & (content_tokens(sentence) | title_tokens)) * (p.score / top)
+            mentioned = products(sentence)
+            mention = 1.0 if named & mentioned else (-1.0 if named and mentioned else 0.0)
+            score = own + 2.0 * covered + identity + mention + prior
             clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
-            clause = max(clauses, key=lambda c: (_weighted_overlap(q, c, title_tokens), bool(facts(c))))
+            clause = max(clauses, key=lambda c: (len(asked & concepts(c)), _weighted_overlap(q, c, title_tokens),
+                                                 bool(facts(c))))
             required = frozenset(facts(clause) - facts(query))
-            # Ties go to the sentence with more of its own matching words, then to the better-ranked passage.
+            # Ties go to the better-ranked passage.
             key = (score, own, -rank)
             if best is None or key > best[0]:
                 best = (key, Evidence(sentence, p.doc_id, required, score))

@@ -14,6 +14,26 @@ class Started:
 class VisitorMessage:
     text: str
     client_msg_id: str = ""
+    # Slots the message mentions (product, order_id, phone, date).
+    slots: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a bot reply, so it can be audited and re-run."""
+
+    decision: str = ""
+    query: str = ""
+    keywords: tuple[str, ...] = ()
+    chunk_ids: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    scores: tuple[float, ...] = ()
+    evidence: str = ""
+    required_facts: tuple[str, ...] = ()
+    model: str = ""
+    sampling: str = ""
+    prompt_sha256: str = ""
+    generated_used: bool = False
 
 
 @dataclass(frozen=True)
@@ -22,6 +42,7 @@ class BotReply:
     source: str
     citations: tuple[str, ...] = ()
     in_reply_to: int = 0
+    provenance: Provenance | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,7 @@ class Turn:
     citations: tuple[str, ...] = ()
     client_msg_id: str = ""
     in_reply_to: int = 0
+    provenance: Provenance | None = None
 
 
 @dataclass(frozen=True)
@@ -108,12 +130,13 @@ def reduce(state: State, event: Event) -> State:
     match body:
         case Started(visitor_id=visitor_id):
             return replace(state, visitor_id=visitor_id, created_ms=event.ts_ms, **common)
-        case VisitorMessage(text=text, client_msg_id=cmid):
+        case VisitorMessage(text=text, client_msg_id=cmid, slots=slots):
             client_msgs = {**state.client_msgs, cmid: event.seq} if cmid else state.client_msgs
             turn = Turn(event.seq, "visitor", text, client_msg_id=cmid)
-            return replace(state, turns=(*state.turns, turn), client_msgs=client_msgs, **common)
-        case BotReply(text=text, source=source, citations=cites, in_reply_to=irt):
-            turn = Turn(event.seq, "bot", text, source, tuple(cites), in_reply_to=irt)
+            return replace(state, turns=(*state.turns, turn), client_msgs=client_msgs,
+                           slots={**state.slots, **dict(slots)}, **common)
+        case BotReply(text=text, source=source, citations=cites, in_reply_to=irt, provenance=prov):
+            turn = Turn(event.seq, "bot", text, source, tuple(cites), in_reply_to=irt, provenance=prov)
             return replace(state, turns=(*state.turns, turn), **common)
         case AgentMessage(text=text):
             return replace(state, turns=(*state.turns, Turn(event.seq, "agent", text, "agent")), **common)

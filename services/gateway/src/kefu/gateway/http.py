@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from google.protobuf.json_format import MessageToDict
 
 from kefu.gateway.auth import Auth, bearer
 from kefu.gateway.core import Core, Delta, Final
@@ -109,7 +110,8 @@ def field(body: dict[str, Any], name: str, *, required: bool = True, kind: type 
     return value
 
 
-def state_json(s: turn_pb2.ConversationState) -> dict[str, Any]:
+def state_json(s: turn_pb2.ConversationState, *, admin: bool = False) -> dict[str, Any]:
+    """The CONTRACT state JSON; admins also see what produced each bot turn (``provenance``)."""
     turns = []
     for t in s.turns:
         turn: dict[str, Any] = {"seq": t.seq, "role": t.role, "text": t.text}
@@ -117,6 +119,8 @@ def state_json(s: turn_pb2.ConversationState) -> dict[str, Any]:
             turn["source"] = t.source
         if t.citations:
             turn["citations"] = list(t.citations)
+        if admin and t.HasField("provenance"):
+            turn["provenance"] = MessageToDict(t.provenance, preserving_proto_field_name=True)
         turns.append(turn)
     return {"conversation_id": s.conversation_id, "tenant": s.tenant, "mode": s.mode or "bot", "seq": s.seq,
             "turns": turns, "slots": dict(s.slots), "summary": s.summary}
@@ -247,8 +251,9 @@ class HttpApi:
 
     async def get_conversation(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
-        self.auth.require_conversation(self._token(request), cid, admin_ok=True)
-        return json_response(state_json(await self.core.get_state(cid)))
+        token = self._token(request)
+        self.auth.require_conversation(token, cid, admin_ok=True)
+        return json_response(state_json(await self.core.get_state(cid), admin=self.auth.is_admin(token)))
 
     async def get_state_at(self, request: web.Request) -> web.Response:
         self.auth.require_admin(self._token(request))
@@ -261,7 +266,7 @@ class HttpApi:
             raise BadRequest("at_seq must be an integer", code="invalid_field") from None
         if at_seq < 0:
             raise BadRequest("at_seq must not be negative", code="invalid_field")
-        return json_response(state_json(await self.core.get_state(request.match_info["cid"], at_seq)))
+        return json_response(state_json(await self.core.get_state(request.match_info["cid"], at_seq), admin=True))
 
     async def visitor_ws(self, request: web.Request) -> web.StreamResponse:
         token = request.query.get("token") or self._token(request)

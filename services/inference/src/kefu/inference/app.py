@@ -143,6 +143,7 @@ class InferenceService(Service):
                     error_message="generation failed"))
                 break
             chunk = llm_pb2.GenerateChunk(job_id=job.job_id, index=index, text=item.text,  # type: ignore[attr-defined]
+                                          model=backend.path.name if item.finish_reason else "",  # type: ignore[attr-defined]
                                           done=bool(item.finish_reason),  # type: ignore[attr-defined]
                                           finish_reason=item.finish_reason,  # type: ignore[attr-defined]
                                           completion_tokens=item.completion_tokens)  # type: ignore[attr-defined]

@@ -248,7 +248,7 @@ class RetrievalService(Service):
         # No forward pass when the embedder does not read the query's language.
         vector = await self.embedder.encode_query(req.query) if weights["dense"] > 0 else None
         t1 = time.perf_counter()
-        hits = index.search(req.query, vector, k, weights=weights)
+        hits = index.search(req.query, vector, k, weights=weights, keywords=tuple(req.keywords[:32]))
         self.log.debug("searched", encode_ms=round((t1 - t0) * 1000, 2),
                        search_ms=round((time.perf_counter() - t1) * 1000, 2), hits=len(hits))
         for hit in hits:

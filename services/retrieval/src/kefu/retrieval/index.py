@@ -110,9 +110,11 @@ class TenantIndex:
                         del self.exact[ident]
 
     def search(self, query: str, vector: np.ndarray | None, k: int, candidates: int = 30,
-               lanes: tuple[str, ...] = ALL_LANES, weights: dict[str, float] | None = None) -> list[Hit]:
+               lanes: tuple[str, ...] = ALL_LANES, weights: dict[str, float] | None = None,
+               keywords: tuple[str, ...] = ()) -> list[Hit]:
         """Top ``k`` chunks for ``query``; ``lanes`` selects lanes (the quality benchmark compares them),
-        ``weights`` their say in the fusion (see :func:`lane_weights`)."""
+        ``weights`` their say in the fusion (see :func:`lane_weights`), ``keywords`` extra words for the
+        keyword lane only."""
         if not self.chunks:
             return []
         weights = weights or LANE_WEIGHTS
@@ -125,7 +127,7 @@ class TenantIndex:
             rankings["dense"] = [cid for cid, _ in found]
             dense_scores = dict(found)
         if "lexical" in lanes:
-            found = self.lexical.search(query_tokens(query), candidates)
+            found = self.lexical.search(query_tokens(" ".join((query, *keywords))), candidates)
             rankings["lexical"] = [cid for cid, _ in found]
             lexical_scores = dict(found)
         wanted = identifiers(query)

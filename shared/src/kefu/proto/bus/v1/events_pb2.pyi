@@ -114,19 +114,45 @@ Global___ConversationStarted: _TypeAlias = ConversationStarted  # noqa: Y015
 class VisitorMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SlotsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TEXT_FIELD_NUMBER: _builtins.int
     CLIENT_MSG_ID_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     client_msg_id: _builtins.str
+    @_builtins.property
+    def slots(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Slots the message mentions (product, order_id, phone, date), merged last-writer-wins into the state."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         client_msg_id: _builtins.str = ...,
+        slots: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msg_id", b"client_msg_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msg_id", b"client_msg_id", "slots", b"slots", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,6 +166,7 @@ class BotReply(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     CITATIONS_FIELD_NUMBER: _builtins.int
     IN_REPLY_TO_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     source: _builtins.str
     """kb, llm, agent, plugin or handoff."""
@@ -147,6 +174,10 @@ class BotReply(_message.Message):
     """The seq of the visitor message this answers."""
     @_builtins.property
     def citations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def provenance(self) -> Global___Provenance:
+        """What produced the reply, so it can be audited and re-run."""
+
     def __init__(
         self,
         *,
@@ -154,14 +185,78 @@ class BotReply(_message.Message):
         source: _builtins.str = ...,
         citations: _abc.Iterable[_builtins.str] | None = ...,
         in_reply_to: _builtins.int = ...,
+        provenance: Global___Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "in_reply_to", b"in_reply_to", "source", b"source", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "in_reply_to", b"in_reply_to", "provenance", b"provenance", "source", b"source", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BotReply: _TypeAlias = BotReply  # noqa: Y015
+
+@_typing.final
+class Provenance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    KEYWORDS_FIELD_NUMBER: _builtins.int
+    CHUNK_IDS_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    REQUIRED_FACTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    PROMPT_SHA256_FIELD_NUMBER: _builtins.int
+    GENERATED_USED_FIELD_NUMBER: _builtins.int
+    decision: _builtins.str
+    """answered, no_answer, handoff, human_mode, ..."""
+    query: _builtins.str
+    """The query sent to retrieval after slot rewriting, and the extra keywords."""
+    evidence: _builtins.str
+    """The evidence sentence and the facts an answer had to keep."""
+    model: _builtins.str
+    """Generation: model file, sampling parameters (JSON), SHA-256 of the prompt, whether its text was used."""
+    sampling: _builtins.str
+    prompt_sha256: _builtins.str
+    generated_used: _builtins.bool
+    @_builtins.property
+    def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def chunk_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Retrieved chunks and the document versions they came from, best first."""
+
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def required_facts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        decision: _builtins.str = ...,
+        query: _builtins.str = ...,
+        keywords: _abc.Iterable[_builtins.str] | None = ...,
+        chunk_ids: _abc.Iterable[_builtins.str] | None = ...,
+        versions: _abc.Iterable[_builtins.int] | None = ...,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        evidence: _builtins.str = ...,
+        required_facts: _abc.Iterable[_builtins.str] | None = ...,
+        model: _builtins.str = ...,
+        sampling: _builtins.str = ...,
+        prompt_sha256: _builtins.str = ...,
+        generated_used: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ids", b"chunk_ids", "decision", b"decision", "evidence", b"evidence", "generated_used", b"generated_used", "keywords", b"keywords", "model", b"model", "prompt_sha256", b"prompt_sha256", "query", b"query", "required_facts", b"required_facts", "sampling", b"sampling", "scores", b"scores", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):

@@ -90,11 +90,16 @@ class SearchRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
     MIN_KB_SEQ_FIELD_NUMBER: _builtins.int
+    KEYWORDS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     query: _builtins.str
     k: _builtins.int
     min_kb_seq: _builtins.int
     """Wait (within the request deadline) until the KB stream is applied up to this sequence."""
+    @_builtins.property
+    def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extra keywords for the keyword lane only (e.g. synonyms in the other language: 电池 -> battery)."""
+
     def __init__(
         self,
         *,
@@ -102,10 +107,11 @@ class SearchRequest(_message.Message):
         query: _builtins.str = ...,
         k: _builtins.int = ...,
         min_kb_seq: _builtins.int = ...,
+        keywords: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "min_kb_seq", b"min_kb_seq", "query", b"query", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "keywords", b"keywords", "min_kb_seq", b"min_kb_seq", "query", b"query", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from kefu.proto.bus.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -194,6 +195,7 @@ class Turn(_message.Message):
     CITATIONS_FIELD_NUMBER: _builtins.int
     CLIENT_MSG_ID_FIELD_NUMBER: _builtins.int
     IN_REPLY_TO_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     role: _builtins.str
     """visitor, bot or agent."""
@@ -203,6 +205,10 @@ class Turn(_message.Message):
     in_reply_to: _builtins.int
     @_builtins.property
     def citations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def provenance(self) -> _events_pb2.Provenance:
+        """Bot turns: what produced the reply (shown to admins)."""
+
     def __init__(
         self,
         *,
@@ -213,10 +219,11 @@ class Turn(_message.Message):
         citations: _abc.Iterable[_builtins.str] | None = ...,
         client_msg_id: _builtins.str = ...,
         in_reply_to: _builtins.int = ...,
+        provenance: _events_pb2.Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "client_msg_id", b"client_msg_id", "in_reply_to", b"in_reply_to", "role", b"role", "seq", b"seq", "source", b"source", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "client_msg_id", b"client_msg_id", "in_reply_to", b"in_reply_to", "provenance", b"provenance", "role", b"role", "seq", b"seq", "source", b"source", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,100 @@
+"""Slot extraction and follow-up rewriting by rules, so memory works with a 135M model (or none).
+
+Slots: ``product`` (a model number with its suffix: "X100 Pro", "RV-300"), ``order_id``, ``phone``,
+``date`` (absolute, or relative like "上个月" / "last month", resolved against the message's time).
+A follow-up that names no product but asks about a product attribute, or points back at one ("它",
+"that one", "its"), is searched with the remembered product: "它保修多久" after "我上个月买了X100"
+becomes "X100 它保修多久".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+
+from kefu.shared.lexicon import PRODUCT_ATTRIBUTES, concepts
+from kefu.shared.text import has_cjk
+
+_SUFFIX = r"(?:\s?(?:Pro\+?|Max|Plus|Ultra|Mini|Lite|SE|Air))?"
+_PRODUCT = re.compile(
+    r"(?<![A-Za-z0-9])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z]+[A-Za-z0-9]*(?:-[A-Za-z0-9]+)*" + _SUFFIX
+    + r"(?![A-Za-z0-9])", re.I)
+_ORDER = re.compile(r"(?<![A-Za-z0-9])(?:[A-Za-z]{2}\d{10,18}|\d{12,20})(?![A-Za-z0-9])")
+_PHONE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?(1[3-9]\d{9})(?!\d)")
+_ISO_DATE = re.compile(r"(?<!\d)(20\d{2})[-/.年](\d{1,2})[-/.月](\d{1,2})日?(?!\d)")
+_MD_DATE = re.compile(r"(?<!\d)(\d{1,2})月(\d{1,2})[日号]")
+# An identifier right after these words is an error or status code, not a product.
+_CODE_CUE = re.compile(r"(error|code|shows?|showing|says|display(?:s|ing)?|显示|报错|故障|错误|提示|出现|代码)\s*[:：]?\s*$", re.I)
+_BACK_REFERENCE = re.compile(r"它|这个|这款|那个|那款|这台|那台|该产品|\b(it|its|this one|that one|that|this)\b", re.I)
+_RELATIVE = {
+    "今天": 0, "today": 0, "昨天": -1, "yesterday": -1, "前天": -2,
+}
+
+
+def _relative_date(text: str, now: dt.date) -> dt.date | None:
+    low = text.lower()
+    for word, days in _RELATIVE.items():
+        if word in low:
+            return now + dt.timedelta(days=days)
+    if "上周" in text or "上星期" in text or "last week" in low:
+        return now - dt.timedelta(days=7)
+    if "上个月" in text or "上月" in text or "last month" in low:
+        month = now.month - 1 or 12
+        year = now.year - (1 if now.month == 1 else 0)
+        return dt.date(year, month, 1)
+    if "去年" in text or "last year" in low:
+        return dt.date(now.year - 1, 1, 1)
+    return None
+
+
+def products(text: str) -> set[str]:
+    """The products ``text`` names, normalized ("X100 Pro" -> "x100 pro"; error codes excluded)."""
+    text = unicodedata.normalize("NFKC", text)
+    return {" ".join(m.group().lower().split()) for m in _PRODUCT.finditer(text)
+            if not _CODE_CUE.search(text[:m.start()])}
+
+
+def extract(text: str, now: dt.datetime) -> dict[str, str]:
+    """The slots ``text`` mentions (only those it mentions)."""
+    text = unicodedata.normalize("NFKC", text)
+    slots: dict[str, str] = {}
+    orders = _ORDER.findall(text)
+    phones = _PHONE.findall(text)
+    if orders:
+        slots["order_id"] = orders[-1].upper()
+    if phones:
+        slots["phone"] = phones[-1]
+    taken = set(orders) | set(phones)
+    products = [m.group().strip() for m in _PRODUCT.finditer(text)
+                if not any(m.group() in t for t in taken) and not _CODE_CUE.search(text[:m.start()])]
+    if products:
+        slots["product"] = products[-1]
+    date = None
+    if m := _ISO_DATE.search(text):
+        date = dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    elif m := _MD_DATE.search(text):
+        date = dt.date(now.year, int(m.group(1)), int(m.group(2)))
+    else:
+        date = _relative_date(text, now.date())
+    if date:
+        slots["date"] = date.isoformat()
+    return slots
+
+
+def needs_product(text: str) -> bool:
+    """Whether ``text`` asks about a product without naming one (a follow-up)."""
+    if _PRODUCT.search(unicodedata.normalize("NFKC", text)):
+        return False
+    if _BACK_REFERENCE.search(text):
+        return True
+    short = len(text) <= 12 if has_cjk(text) else len(text.split()) <= 6
+    return short and bool(concepts(text) & PRODUCT_ATTRIBUTES)
+
+
+def rewrite(text: str, slots: dict[str, str]) -> str:
+    """The query to search for ``text``, given the conversation's remembered ``slots``."""
+    product = slots.get("product")
+    if product and needs_product(text):
+        return f"{product} {text}"
+    return text

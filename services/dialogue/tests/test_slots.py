@@ -1,0 +1,39 @@
+import datetime as dt
+
+import pytest
+
+from kefu.dialogue.slots import extract, needs_product, rewrite
+
+NOW = dt.datetime(2026, 3, 15, 10, 0)
+
+
+@pytest.mark.parametrize(("text", "slots"), [
+    ("我上个月买了X100", {"product": "X100", "date": "2026-02-01"}),
+    ("不对，我说的是 X100 Pro", {"product": "X100 Pro"}),
+    ("My RV-300 shows E05", {"product": "RV-300"}),
+    ("RV-300 出现 E05 怎么办", {"product": "RV-300"}),
+    ("订单号 KF20260301123456 还没发货", {"order_id": "KF20260301123456"}),
+    ("call me on +86 13812345678", {"phone": "13812345678"}),
+    ("我在2026年3月2日下的单", {"date": "2026-03-02"}),
+    ("昨天买的 K5", {"product": "K5", "date": "2026-03-14"}),
+    ("你们几点关门", {}),
+])
+def test_extract(text, slots):
+    assert extract(text, NOW) == slots
+
+
+def test_follow_ups_use_the_remembered_product():
+    slots = {"product": "X100"}
+    assert rewrite("它保修多久？", slots) == "X100 它保修多久？"
+    assert rewrite("what about its battery?", slots) == "X100 what about its battery?"
+    assert rewrite("and the price?", slots) == "X100 and the price?"
+    assert rewrite("价格呢", slots) == "X100 价格呢"
+
+
+def test_other_questions_are_left_alone():
+    slots = {"product": "X100"}
+    assert rewrite("K7 多少钱", slots) == "K7 多少钱"  # names its own product
+    assert rewrite("你们深圳门店几点关门？", slots) == "你们深圳门店几点关门？"  # about the shop
+    assert rewrite("How do I get an invoice for my order?", slots) == "How do I get an invoice for my order?"
+    assert rewrite("它保修多久？", {}) == "它保修多久？"
+    assert not needs_product("Can I pay with Alipay?")

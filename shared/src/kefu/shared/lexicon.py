@@ -1,0 +1,84 @@
+"""A small bilingual lexicon of what customers ask about (price, warranty, battery, shipping, ...).
+
+Customers and documents rarely use the same words ("多少钱" / "售价", "how much" / "Price:", "电池" /
+"battery"). Expanding a question with the other words of the concepts it mentions lets keyword search
+and evidence selection meet the document halfway, across Chinese and English, without a model.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kefu.shared.text import has_cjk, normalize
+
+# concept -> words in Chinese and English. Words are matched after tokenization (jieba, lower case).
+CONCEPTS: dict[str, tuple[str, ...]] = {
+    "price": ("价格", "售价", "价钱", "多少钱", "几块钱", "费用", "收费", "price", "cost", "costs", "priced", "how much",
+              "yuan", "fee", "charge"),
+    "warranty": ("保修", "质保", "保固", "维修", "warranty", "guarantee", "repair"),
+    "battery": ("电池", "续航", "电量", "毫安", "battery", "mah", "runtime"),
+    "charging": ("充电", "快充", "充电器", "charging", "charger", "charge"),
+    "shipping": ("发货", "配送", "快递", "运费", "送达", "包邮", "物流", "shipping", "ship", "ships", "delivery",
+                 "deliver", "courier"),
+    "returns": ("退货", "退款", "退换", "换货", "无理由", "return", "returns", "refund", "refunds", "exchange"),
+    "hours": ("营业", "营业时间", "几点", "开门", "关门", "打烊", "hours", "open", "opens", "close", "closes",
+              "opening", "closing"),
+    "screen": ("屏幕", "尺寸", "英寸", "显示屏", "screen", "display", "inch"),
+    "weight": ("重量", "多重", "weight", "weigh", "weighs", "grams"),
+    "capacity": ("容量", "几升", "capacity", "litre", "litres", "liter", "liters"),
+    "payment": ("支付", "付款", "分期", "支付宝", "微信支付", "pay", "payment", "alipay", "wechat", "installment",
+                "installments"),
+    "invoice": ("发票", "开票", "invoice", "receipt", "fapiao"),
+    "location": ("地址", "在哪", "在哪里", "位置", "门店", "address", "where", "location", "store"),
+    "membership": ("会员", "积分", "member", "membership", "points"),
+    "camera": ("相机", "摄像头", "像素", "camera", "megapixel", "mp"),
+    "wireless": ("无线", "wireless", "qi"),
+    "waterproof": ("防水", "游泳", "waterproof", "water resistance", "water-resistant", "ip68", "ip67", "ip54",
+                   "swimming", "swim"),
+    "temperature": ("温度", "保温", "temperature", "°c", "degrees", "keep warm"),
+    "deposit": ("定金", "订金", "预订", "预售", "尾款", "deposit", "pre-order", "preorder", "balance"),
+    "coverage": ("覆盖", "平方米", "面积", "coverage", "cover", "square metres", "square meters", "m²"),
+    "filter": ("滤芯", "滤网", "filter", "filters", "cartridge"),
+    "expiry": ("过期", "有效期", "清零", "expire", "expires", "expiry", "valid"),
+    "birthday": ("生日", "birthday"),
+    "hotline": ("热线", "客服电话", "电话", "hotline", "phone number", "call"),
+    "cancel": ("取消", "撤销", "cancel", "cancellation", "call off"),
+    "address": ("改地址", "修改地址", "收货地址", "delivery address", "change the address"),
+    "light": ("色温", "亮度", "调光", "频闪", "闪烁", "colour temperature", "color temperature", "brightness",
+              "kelvin", "flicker"),
+    "obstacle": ("越障", "门槛", "threshold", "obstacle", "climb"),
+    "runtime": ("续航", "扫多久", "能用多久", "用多久", "run time", "runtime", "battery life", "on one charge",
+                "full charge", "minutes"),
+    "mesh": ("组网", "mesh", "nodes"),
+}
+
+# Concepts that describe a product (a question about one of them, without a product, is about the last
+# product mentioned); the others (hours, location, payment...) are about the shop.
+PRODUCT_ATTRIBUTES = frozenset({"price", "warranty", "battery", "charging", "screen", "weight", "capacity", "camera",
+                                "wireless", "waterproof", "temperature", "coverage", "filter", "light", "obstacle",
+                                "runtime", "mesh"})
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _mentions(text: str, word: str, latin: set[str]) -> bool:
+    # Chinese words and English phrases are found inside the text; other words must be whole words.
+    return word in text if has_cjk(word) or " " in word else word in latin
+
+
+def concepts(text: str) -> set[str]:
+    """The concepts ``text`` mentions."""
+    norm = normalize(text)
+    latin = set(_WORD.findall(norm))
+    return {name for name, words in CONCEPTS.items() if any(_mentions(norm, w, latin) for w in words)}
+
+
+def expansions(text: str) -> list[str]:
+    """The other words of every concept ``text`` mentions, in both languages (not those it has)."""
+    norm = normalize(text)
+    latin = set(_WORD.findall(norm))
+    out: list[str] = []
+    for name in sorted(concepts(text)):
+        out.extend(w for w in CONCEPTS[name] if not _mentions(norm, w, latin))
+    return out
