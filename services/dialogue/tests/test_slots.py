@@ -37,3 +37,11 @@ def test_other_questions_are_left_alone():
     assert rewrite("How do I get an invoice for my order?", slots) == "How do I get an invoice for my order?"
     assert rewrite("它保修多久？", {}) == "它保修多久？"
     assert not needs_product("Can I pay with Alipay?")
+
+
+def test_elliptical_follow_ups_lean_on_the_previous_question():
+    previous = "北京门店周末几点开门？"
+    assert rewrite("那工作日呢？", {}, previous) == "北京门店周末几点开门？ 那工作日呢？"
+    assert rewrite("and on weekdays?", {}, "When does the Beijing store open on weekends?").startswith("When does")
+    assert rewrite("那它积分是几倍？", {}, "金卡会员一年要花多少钱？") == "金卡会员一年要花多少钱？ 那它积分是几倍？"
+    assert rewrite("你们深圳门店几点关门？", {}, previous) == "你们深圳门店几点关门？"  # a question of its own

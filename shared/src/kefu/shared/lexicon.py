@@ -13,7 +13,8 @@ from kefu.shared.text import has_cjk, normalize
 
 # concept -> words in Chinese and English. Words are matched after tokenization (jieba, lower case).
 CONCEPTS: dict[str, tuple[str, ...]] = {
-    "price": ("价格", "售价", "价钱", "多少钱", "几块钱", "费用", "收费", "price", "cost", "costs", "priced", "how much",
+    "price": ("价格", "售价", "价钱", "多少钱", "几块钱", "费用", "收费", "price", "cost", "costs", "priced", "how much is", "how much are", "how much does", "how much would",
+              "how much for",
               "yuan", "fee", "charge"),
     "warranty": ("保修", "质保", "保固", "维修", "warranty", "guarantee", "repair"),
     "battery": ("电池", "续航", "电量", "毫安", "battery", "mah", "runtime"),
@@ -25,7 +26,8 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
               "opening", "closing"),
     "screen": ("屏幕", "尺寸", "英寸", "显示屏", "screen", "display", "inch"),
     "weight": ("重量", "多重", "weight", "weigh", "weighs", "grams"),
-    "capacity": ("容量", "几升", "capacity", "litre", "litres", "liter", "liters"),
+    "capacity": ("容量", "几升", "多少水", "装多少", "capacity", "litre", "litres", "liter", "liters", "hold",
+                 "holds"),
     "payment": ("支付", "付款", "分期", "支付宝", "微信支付", "pay", "payment", "alipay", "wechat", "installment",
                 "installments"),
     "invoice": ("发票", "开票", "invoice", "receipt", "fapiao"),
@@ -44,7 +46,7 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "hotline": ("热线", "客服电话", "电话", "hotline", "phone number", "call"),
     "cancel": ("取消", "撤销", "cancel", "cancellation", "call off"),
     "address": ("改地址", "修改地址", "收货地址", "delivery address", "change the address"),
-    "light": ("色温", "亮度", "调光", "频闪", "闪烁", "colour temperature", "color temperature", "brightness",
+    "light": ("色温", "亮度", "调光", "频闪", "闪", "colour temperature", "color temperature", "brightness",
               "kelvin", "flicker"),
     "obstacle": ("越障", "门槛", "threshold", "obstacle", "climb"),
     "runtime": ("续航", "扫多久", "能用多久", "用多久", "run time", "runtime", "battery life", "on one charge",

@@ -61,7 +61,8 @@ class Answer:
 
 @dataclass
 class AnswerSettings:
-    search_k: int = 4
+    search_k: int = 8
+    expand_docs: int = 2
     max_tokens: int = 96
     first_chunk_timeout: float = 20.0
     search_timeout: float = 40.0
@@ -92,7 +93,7 @@ class Answerer:
         found = await self.bus.request(
             "kefu.retrieval.search",
             retrieval_pb2.SearchRequest(tenant=tenant, query=query, k=self.settings.search_k, min_kb_seq=kb_min_seq,
-                                        keywords=keywords),
+                                        keywords=keywords, expand_docs=self.settings.expand_docs),
             retrieval_pb2.SearchReply, timeout=self.settings.search_timeout,
         )
         passages = [Passage(h.doc_id, h.title, h.text, h.score) for h in found.hits]

@@ -29,10 +29,21 @@ APPEND_RETRIES = 5
 
 
 class DialogueSettings(KefuSettings):
-    search_k: int = Field(default=4, ge=1, le=20)
+    search_k: int = Field(default=8, ge=1, le=20)
     llm_max_tokens: int = Field(default=96, ge=8, le=1024)
     llm_first_chunk_timeout: float = Field(default=20.0, gt=0)
     llm_enabled: bool = True
+
+
+def previous_query(state: State, seq: int) -> str:
+    """What the visitor's question before ``seq`` searched for (its rewritten form when it had one)."""
+    visitor = [t for t in state.turns if t.role == "visitor" and t.seq < seq and t.source != "ocr"]
+    if not visitor:
+        return ""
+    reply = state.reply_to(visitor[-1].seq)
+    if reply is not None and reply.provenance is not None and reply.provenance.query:
+        return reply.provenance.query
+    return visitor[-1].text
 
 
 class DialogueService(Service):
@@ -109,7 +120,7 @@ class DialogueService(Service):
                     conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta))
 
             # The slots before this message, updated by it (the state already holds both).
-            query = rewrite(text, state.slots)
+            query = rewrite(text, state.slots, previous_query(state, seq))
             answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
                                                 kb_min_seq=req.kb_min_seq, emit=emit)
             await self._append_reply(state, seq, answer)

@@ -92,9 +92,23 @@ def needs_product(text: str) -> bool:
     return short and bool(concepts(text) & PRODUCT_ATTRIBUTES)
 
 
-def rewrite(text: str, slots: dict[str, str]) -> str:
-    """The query to search for ``text``, given the conversation's remembered ``slots``."""
+_ELLIPSIS = re.compile(r"^\s*(那|那么|还有)?[^。！？!?]{0,12}呢\s*[？?]?\s*$|^\s*(and|what about|how about)\b", re.I)
+
+
+def elliptical(text: str) -> bool:
+    """A question that leans on the previous one: "那工作日呢？", "and on weekends?", or one that points
+    back ("它", "that") without naming what it points at."""
+    normalized = unicodedata.normalize("NFKC", text)
+    return bool(_ELLIPSIS.search(normalized)) or (bool(_BACK_REFERENCE.search(text)) and
+                                                    not _PRODUCT.search(normalized))
+
+
+def rewrite(text: str, slots: dict[str, str], previous: str = "") -> str:
+    """The query to search for ``text``, given the conversation's remembered ``slots`` and the
+    ``previous`` question (as it was searched)."""
     product = slots.get("product")
     if product and needs_product(text):
         return f"{product} {text}"
+    if previous and elliptical(text):
+        return f"{previous} {text}"
     return text

@@ -109,6 +109,21 @@ class TenantIndex:
                     if not holders:
                         del self.exact[ident]
 
+    def neighbours(self, hits: list[Hit], docs: int) -> list[tuple[str, float, Chunk]]:
+        """The chunks of the first ``docs`` documents among ``hits`` that ``hits`` does not include, in
+        document order, with their document's best score."""
+        seen = {h.chunk.chunk_id for h in hits}
+        best: dict[str, float] = {}
+        for h in hits:
+            best.setdefault(h.chunk.doc_id, h.score)
+        out = []
+        for doc_id in list(best)[:docs]:
+            for cid in self.by_doc.get(doc_id, []):
+                chunk = self.chunks[cid]
+                if chunk.chunk_id not in seen:
+                    out.append((doc_id, best[doc_id], chunk))
+        return out
+
     def search(self, query: str, vector: np.ndarray | None, k: int, candidates: int = 30,
                lanes: tuple[str, ...] = ALL_LANES, weights: dict[str, float] | None = None,
                keywords: tuple[str, ...] = ()) -> list[Hit]:

@@ -91,11 +91,16 @@ class SearchRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     MIN_KB_SEQ_FIELD_NUMBER: _builtins.int
     KEYWORDS_FIELD_NUMBER: _builtins.int
+    EXPAND_DOCS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     query: _builtins.str
     k: _builtins.int
     min_kb_seq: _builtins.int
     """Wait (within the request deadline) until the KB stream is applied up to this sequence."""
+    expand_docs: _builtins.int
+    """After the k hits, the other chunks of the best N documents (so an answer elsewhere in the document
+    the question is about can still be found), with 0.9 times their document's best score.
+    """
     @_builtins.property
     def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra keywords for the keyword lane only (e.g. synonyms in the other language: 电池 -> battery)."""
@@ -108,10 +113,11 @@ class SearchRequest(_message.Message):
         k: _builtins.int = ...,
         min_kb_seq: _builtins.int = ...,
         keywords: _abc.Iterable[_builtins.str] | None = ...,
+        expand_docs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "keywords", b"keywords", "min_kb_seq", b"min_kb_seq", "query", b"query", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expand_docs", b"expand_docs", "k", b"k", "keywords", b"keywords", "min_kb_seq", b"min_kb_seq", "query", b"query", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
