@@ -11,8 +11,11 @@ from kefu.dialogue.state import (
     OcrResult,
     Provenance,
     SlotSet,
+    Stamp,
     Started,
     State,
+    TagAdded,
+    TagRemoved,
     Turn,
     VisitorMessage,
 )
@@ -43,6 +46,11 @@ def event_to_proto(ev: Event) -> events_pb2.Event:
             pb.slot_set.name, pb.slot_set.value = b.name, b.value
         case OcrResult():
             pb.ocr_result.text, pb.ocr_result.media_id = b.text, b.media_id
+        case TagAdded():
+            pb.tag_added.tag = b.tag
+        case TagRemoved():
+            pb.tag_removed.tag = b.tag
+            pb.tag_removed.add_ids.extend(b.add_ids)
     return pb
 
 
@@ -66,6 +74,10 @@ def event_from_proto(pb: events_pb2.Event) -> Event:
         body = SlotSet(pb.slot_set.name, pb.slot_set.value)
     elif kind == "ocr_result":
         body = OcrResult(pb.ocr_result.text, pb.ocr_result.media_id)
+    elif kind == "tag_added":
+        body = TagAdded(pb.tag_added.tag)
+    elif kind == "tag_removed":
+        body = TagRemoved(pb.tag_removed.tag, tuple(pb.tag_removed.add_ids))
     else:
         raise BadRequest(f"event {pb.id} has no body", code="invalid_protobuf")
     return Event(pb.id, pb.conversation_id, pb.tenant, pb.seq, pb.ts_ms, pb.writer, pb.lamport, body)
@@ -92,17 +104,36 @@ def state_to_proto(s: State) -> turn_pb2.ConversationState:
     )
     for t in s.turns:
         turn = pb.turns.add(seq=t.seq, role=t.role, text=t.text, source=t.source, citations=list(t.citations),
-                            client_msg_id=t.client_msg_id, in_reply_to=t.in_reply_to)
+                            client_msg_id=t.client_msg_id, in_reply_to=t.in_reply_to, lamport=t.stamp[0],
+                            writer=t.stamp[1], id=t.stamp[2])
         if t.provenance is not None:
             turn.provenance.CopyFrom(provenance_to_proto(t.provenance))
     pb.slots.update(s.slots)
     pb.client_msgs.update(s.client_msgs)
+    pb.tags.extend(s.tags)
+    for name, stamp in s.slot_stamps.items():
+        pb.slot_stamps[name].CopyFrom(_stamp_to_proto(stamp))
+    pb.mode_stamp.CopyFrom(_stamp_to_proto(s.mode_stamp))
+    for tag, ids in s.tag_adds.items():
+        pb.tag_adds[tag].ids.extend(sorted(ids))
+    pb.tag_removes.extend(sorted(s.tag_removes))
     return pb
+
+
+def _stamp_to_proto(stamp: Stamp) -> turn_pb2.Stamp:
+    return turn_pb2.Stamp(lamport=stamp[0], writer=stamp[1], id=stamp[2])
+
+
+def _stamp_from_proto(pb: turn_pb2.Stamp) -> Stamp:
+    return (pb.lamport, pb.writer, pb.id)
 
 
 def state_from_proto(pb: turn_pb2.ConversationState) -> State:
     turns = tuple(Turn(t.seq, t.role, t.text, t.source, tuple(t.citations), t.client_msg_id, t.in_reply_to,
-                       provenance_from_proto(t.provenance) if t.HasField("provenance") else None)
+                       provenance_from_proto(t.provenance) if t.HasField("provenance") else None,
+                       (t.lamport, t.writer, t.id))
                   for t in pb.turns)
     return State(pb.conversation_id, pb.tenant, pb.visitor_id, pb.mode or "bot", pb.seq, turns, dict(pb.slots),
-                 pb.summary, pb.created_ms, pb.updated_ms, pb.lamport, pb.stream_seq, dict(pb.client_msgs))
+                 pb.summary, pb.created_ms, pb.updated_ms, pb.lamport, pb.stream_seq, dict(pb.client_msgs),
+                 {k: _stamp_from_proto(v) for k, v in pb.slot_stamps.items()}, _stamp_from_proto(pb.mode_stamp),
+                 {k: frozenset(v.ids) for k, v in pb.tag_adds.items()}, frozenset(pb.tag_removes))

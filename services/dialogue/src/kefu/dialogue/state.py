@@ -1,4 +1,11 @@
-"""Conversation events and the pure fold over them: ``reduce(state, event) -> state`` does no I/O."""
+"""Conversation events and the pure fold over them: ``reduce(state, event) -> state`` does no I/O.
+
+The state is a CRDT, so writers that never saw each other's events (bot and agent, two dialogue
+replicas, two sites joined by leaf nodes) converge: turns are a grow-only set ordered by their stamp
+(lamport, writer, event id), slots and the mode are last-writer-wins registers, tags an observed-remove
+set. ``reduce`` is ``merge`` with the state of a single event, so folding the same events in any order,
+any number of times, gives the same state.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +76,23 @@ class OcrResult:
     media_id: str = ""
 
 
-Body = Started | VisitorMessage | BotReply | AgentMessage | ModeChanged | SlotSet | OcrResult
+@dataclass(frozen=True)
+class TagAdded:
+    tag: str
+
+
+@dataclass(frozen=True)
+class TagRemoved:
+    tag: str
+    # The TagAdded events the remover had seen (observed-remove).
+    add_ids: tuple[str, ...] = ()
+
+
+Body = Started | VisitorMessage | BotReply | AgentMessage | ModeChanged | SlotSet | OcrResult | TagAdded | TagRemoved
+
+
+Stamp = tuple[int, str, str]  # (lamport, writer, event id): a total order of writes
+NO_STAMP: Stamp = (0, "", "")
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,10 @@ class Event:
     lamport: int
     body: Body
 
+    @property
+    def stamp(self) -> Stamp:
+        return (self.lamport, self.writer, self.id)
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -94,6 +121,7 @@ class Turn:
     client_msg_id: str = ""
     in_reply_to: int = 0
     provenance: Provenance | None = None
+    stamp: Stamp = NO_STAMP
 
 
 @dataclass(frozen=True)
@@ -102,7 +130,7 @@ class State:
     tenant: str
     visitor_id: str = ""
     mode: str = "bot"
-    # The seq of the last event folded in; -1 before the first.
+    # The highest seq folded in; -1 before the first.
     seq: int = -1
     turns: tuple[Turn, ...] = ()
     slots: dict[str, str] = field(default_factory=dict)
@@ -111,9 +139,19 @@ class State:
     updated_ms: int = 0
     lamport: int = 0
     # The CONV stream sequence of the last event: the expected-last-subject-sequence of the next append.
+    # Local bookkeeping of this replica's log, not part of the merged value.
     stream_seq: int = 0
     # client_msg_id -> seq of that visitor message, kept for ever so a retry never makes a second turn.
     client_msgs: dict[str, int] = field(default_factory=dict)
+    slot_stamps: dict[str, Stamp] = field(default_factory=dict)
+    mode_stamp: Stamp = NO_STAMP
+    tag_adds: dict[str, frozenset[str]] = field(default_factory=dict)
+    tag_removes: frozenset[str] = frozenset()
+
+    @property
+    def tags(self) -> list[str]:
+        """The tags with an addition no removal has seen."""
+        return sorted(tag for tag, ids in self.tag_adds.items() if ids - self.tag_removes)
 
     def reply_to(self, seq: int) -> Turn | None:
         """The bot reply to the visitor message at ``seq``, if there is one yet."""
@@ -123,37 +161,77 @@ class State:
         return None
 
 
-def reduce(state: State, event: Event) -> State:
-    """The state after ``event``. Pure: the same events always give the same state."""
-    body = event.body
-    common = {"seq": event.seq, "updated_ms": event.ts_ms, "lamport": max(state.lamport, event.lamport)}
+def _lww(a: dict[str, str], a_stamps: dict[str, Stamp], b: dict[str, str],
+         b_stamps: dict[str, Stamp]) -> tuple[dict[str, str], dict[str, Stamp]]:
+    values, stamps = dict(a), dict(a_stamps)
+    for key, stamp in b_stamps.items():
+        if stamp > stamps.get(key, NO_STAMP):
+            values[key], stamps[key] = b[key], stamp
+    return values, stamps
+
+
+def merge(a: State, b: State) -> State:
+    """The join of two states of the same conversation: commutative, associative and idempotent."""
+    turns = {t.stamp: t for t in a.turns}
+    turns.update({t.stamp: t for t in b.turns})
+    slots, slot_stamps = _lww(a.slots, a.slot_stamps, b.slots, b.slot_stamps)
+    mode, mode_stamp = (a.mode, a.mode_stamp) if a.mode_stamp >= b.mode_stamp else (b.mode, b.mode_stamp)
+    client_msgs = dict(a.client_msgs)
+    for cmid, seq in b.client_msgs.items():
+        client_msgs[cmid] = min(seq, client_msgs.get(cmid, seq))
+    tag_adds = dict(a.tag_adds)
+    for tag, ids in b.tag_adds.items():
+        tag_adds[tag] = tag_adds.get(tag, frozenset()) | ids
+    # The visitor id comes with the ConversationStarted event: the earliest one's wins.
+    started = [(s.created_ms, s.visitor_id) for s in (a, b) if s.created_ms]
+    created, visitor_id = min(started) if started else (0, max(a.visitor_id, b.visitor_id))
+    return State(
+        conversation_id=a.conversation_id or b.conversation_id, tenant=a.tenant or b.tenant, visitor_id=visitor_id,
+        mode=mode, seq=max(a.seq, b.seq), turns=tuple(turns[k] for k in sorted(turns)), slots=slots,
+        summary=max(a.summary, b.summary), created_ms=created, updated_ms=max(a.updated_ms, b.updated_ms),
+        lamport=max(a.lamport, b.lamport), stream_seq=max(a.stream_seq, b.stream_seq), client_msgs=client_msgs,
+        slot_stamps=slot_stamps, mode_stamp=mode_stamp, tag_adds=tag_adds, tag_removes=a.tag_removes | b.tag_removes,
+    )
+
+
+def of_event(conversation_id: str, tenant: str, event: Event) -> State:
+    """The state that holds just ``event``."""
+    base = State(conversation_id, tenant, seq=event.seq, updated_ms=event.ts_ms, lamport=event.lamport)
+    body, stamp = event.body, event.stamp
     match body:
         case Started(visitor_id=visitor_id):
-            return replace(state, visitor_id=visitor_id, created_ms=event.ts_ms, **common)
+            return replace(base, visitor_id=visitor_id, created_ms=event.ts_ms)
         case VisitorMessage(text=text, client_msg_id=cmid, slots=slots):
-            client_msgs = {**state.client_msgs, cmid: event.seq} if cmid else state.client_msgs
-            turn = Turn(event.seq, "visitor", text, client_msg_id=cmid)
-            return replace(state, turns=(*state.turns, turn), client_msgs=client_msgs,
-                           slots={**state.slots, **dict(slots)}, **common)
+            turn = Turn(event.seq, "visitor", text, client_msg_id=cmid, stamp=stamp)
+            return replace(base, turns=(turn,), client_msgs={cmid: event.seq} if cmid else {},
+                           slots=dict(slots), slot_stamps={k: stamp for k, _ in slots})
         case BotReply(text=text, source=source, citations=cites, in_reply_to=irt, provenance=prov):
-            turn = Turn(event.seq, "bot", text, source, tuple(cites), in_reply_to=irt, provenance=prov)
-            return replace(state, turns=(*state.turns, turn), **common)
+            turn = Turn(event.seq, "bot", text, source, tuple(cites), in_reply_to=irt, provenance=prov, stamp=stamp)
+            return replace(base, turns=(turn,))
         case AgentMessage(text=text):
-            return replace(state, turns=(*state.turns, Turn(event.seq, "agent", text, "agent")), **common)
+            return replace(base, turns=(Turn(event.seq, "agent", text, "agent", stamp=stamp),))
         case ModeChanged(mode=mode):
-            return replace(state, mode=mode, **common)
+            return replace(base, mode=mode, mode_stamp=stamp)
         case SlotSet(name=name, value=value):
-            return replace(state, slots={**state.slots, name: value}, **common)
+            return replace(base, slots={name: value}, slot_stamps={name: stamp})
         case OcrResult(text=text):
-            return replace(state, turns=(*state.turns, Turn(event.seq, "visitor", text, "ocr")), **common)
+            return replace(base, turns=(Turn(event.seq, "visitor", text, "ocr", stamp=stamp),))
+        case TagAdded(tag=tag):
+            return replace(base, tag_adds={tag: frozenset({event.id})})
+        case TagRemoved(add_ids=add_ids):
+            return replace(base, tag_removes=frozenset(add_ids))
     raise TypeError(f"unknown event body {type(body).__name__}")
 
 
+def reduce(state: State, event: Event) -> State:
+    """The state after ``event``. Pure, and order-insensitive: it merges the event's own state in."""
+    return merge(state, of_event(state.conversation_id, state.tenant, event))
+
+
 def fold(conversation_id: str, tenant: str, events: list[Event], at_seq: int | None = None) -> State:
-    """Fold ``events`` (in order) from the empty state, stopping after ``at_seq`` when given."""
+    """Fold ``events`` from the empty state, keeping only those up to ``at_seq`` when given."""
     state = State(conversation_id, tenant)
     for ev in events:
-        if at_seq is not None and ev.seq > at_seq:
-            break
-        state = reduce(state, ev)
+        if at_seq is None or ev.seq <= at_seq:
+            state = reduce(state, ev)
     return state

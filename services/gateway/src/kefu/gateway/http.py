@@ -123,7 +123,7 @@ def state_json(s: turn_pb2.ConversationState, *, admin: bool = False) -> dict[st
             turn["provenance"] = MessageToDict(t.provenance, preserving_proto_field_name=True)
         turns.append(turn)
     return {"conversation_id": s.conversation_id, "tenant": s.tenant, "mode": s.mode or "bot", "seq": s.seq,
-            "turns": turns, "slots": dict(s.slots), "summary": s.summary}
+            "turns": turns, "slots": dict(s.slots), "summary": s.summary, "tags": list(s.tags)}
 
 
 def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/events.proto\x12\x0bkefu.bus.v1\"\xd8\x03\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x0e\n\x06writer\x18\x06 \x01(\t\x12\x0f\n\x07lamport\x18\x07 \x01(\x04\x12\x33\n\x07started\x18\n \x01(\x0b\x32 .kefu.bus.v1.ConversationStartedH\x00\x12\x36\n\x0fvisitor_message\x18\x0b \x01(\x0b\x32\x1b.kefu.bus.v1.VisitorMessageH\x00\x12*\n\tbot_reply\x18\x0c \x01(\x0b\x32\x15.kefu.bus.v1.BotReplyH\x00\x12\x32\n\ragent_message\x18\r \x01(\x0b\x32\x19.kefu.bus.v1.AgentMessageH\x00\x12\x30\n\x0cmode_changed\x18\x0e \x01(\x0b\x32\x18.kefu.bus.v1.ModeChangedH\x00\x12(\n\x08slot_set\x18\x0f \x01(\x0b\x32\x14.kefu.bus.v1.SlotSetH\x00\x12,\n\nocr_result\x18\x10 \x01(\x0b\x32\x16.kefu.bus.v1.OcrResultH\x00\x42\x06\n\x04\x62ody\")\n\x13\x43onversationStarted\x12\x12\n\nvisitor_id\x18\x01 \x01(\t\"\x9a\x01\n\x0eVisitorMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rclient_msg_id\x18\x02 \x01(\t\x12\x35\n\x05slots\x18\x03 \x03(\x0b\x32&.kefu.bus.v1.VisitorMessage.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"}\n\x08\x42otReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x12+\n\nprovenance\x18\x05 \x01(\x0b\x32\x17.kefu.bus.v1.Provenance\"\xee\x01\n\nProvenance\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x11\n\tchunk_ids\x18\x04 \x03(\t\x12\x10\n\x08versions\x18\x05 \x03(\x04\x12\x0e\n\x06scores\x18\x06 \x03(\x02\x12\x10\n\x08\x65vidence\x18\x07 \x01(\t\x12\x16\n\x0erequired_facts\x18\x08 \x03(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x10\n\x08sampling\x18\n \x01(\t\x12\x15\n\rprompt_sha256\x18\x0b \x01(\t\x12\x16\n\x0egenerated_used\x18\x0c \x01(\x08\".\n\x0c\x41gentMessage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"+\n\x0bModeChanged\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x07SlotSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"+\n\tOcrResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/events.proto\x12\x0bkefu.bus.v1\"\xb4\x04\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x0e\n\x06writer\x18\x06 \x01(\t\x12\x0f\n\x07lamport\x18\x07 \x01(\x04\x12\x33\n\x07started\x18\n \x01(\x0b\x32 .kefu.bus.v1.ConversationStartedH\x00\x12\x36\n\x0fvisitor_message\x18\x0b \x01(\x0b\x32\x1b.kefu.bus.v1.VisitorMessageH\x00\x12*\n\tbot_reply\x18\x0c \x01(\x0b\x32\x15.kefu.bus.v1.BotReplyH\x00\x12\x32\n\ragent_message\x18\r \x01(\x0b\x32\x19.kefu.bus.v1.AgentMessageH\x00\x12\x30\n\x0cmode_changed\x18\x0e \x01(\x0b\x32\x18.kefu.bus.v1.ModeChangedH\x00\x12(\n\x08slot_set\x18\x0f \x01(\x0b\x32\x14.kefu.bus.v1.SlotSetH\x00\x12,\n\nocr_result\x18\x10 \x01(\x0b\x32\x16.kefu.bus.v1.OcrResultH\x00\x12*\n\ttag_added\x18\x11 \x01(\x0b\x32\x15.kefu.bus.v1.TagAddedH\x00\x12.\n\x0btag_removed\x18\x12 \x01(\x0b\x32\x17.kefu.bus.v1.TagRemovedH\x00\x42\x06\n\x04\x62ody\"\x17\n\x08TagAdded\x12\x0b\n\x03tag\x18\x01 \x01(\t\"*\n\nTagRemoved\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_ids\x18\x02 \x03(\t\")\n\x13\x43onversationStarted\x12\x12\n\nvisitor_id\x18\x01 \x01(\t\"\x9a\x01\n\x0eVisitorMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rclient_msg_id\x18\x02 \x01(\t\x12\x35\n\x05slots\x18\x03 \x03(\x0b\x32&.kefu.bus.v1.VisitorMessage.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"}\n\x08\x42otReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x12+\n\nprovenance\x18\x05 \x01(\x0b\x32\x17.kefu.bus.v1.Provenance\"\xee\x01\n\nProvenance\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x11\n\tchunk_ids\x18\x04 \x03(\t\x12\x10\n\x08versions\x18\x05 \x03(\x04\x12\x0e\n\x06scores\x18\x06 \x03(\x02\x12\x10\n\x08\x65vidence\x18\x07 \x01(\t\x12\x16\n\x0erequired_facts\x18\x08 \x03(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x10\n\x08sampling\x18\n \x01(\t\x12\x15\n\rprompt_sha256\x18\x0b \x01(\t\x12\x16\n\x0egenerated_used\x18\x0c \x01(\x08\".\n\x0c\x41gentMessage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"+\n\x0bModeChanged\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x07SlotSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"+\n\tOcrResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VISITORMESSAGE_SLOTSENTRY']._loaded_options = None
   _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=42
-  _globals['_EVENT']._serialized_end=514
-  _globals['_CONVERSATIONSTARTED']._serialized_start=516
-  _globals['_CONVERSATIONSTARTED']._serialized_end=557
-  _globals['_VISITORMESSAGE']._serialized_start=560
-  _globals['_VISITORMESSAGE']._serialized_end=714
-  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_start=670
-  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_end=714
-  _globals['_BOTREPLY']._serialized_start=716
-  _globals['_BOTREPLY']._serialized_end=841
-  _globals['_PROVENANCE']._serialized_start=844
-  _globals['_PROVENANCE']._serialized_end=1082
-  _globals['_AGENTMESSAGE']._serialized_start=1084
-  _globals['_AGENTMESSAGE']._serialized_end=1130
-  _globals['_MODECHANGED']._serialized_start=1132
-  _globals['_MODECHANGED']._serialized_end=1175
-  _globals['_SLOTSET']._serialized_start=1177
-  _globals['_SLOTSET']._serialized_end=1215
-  _globals['_OCRRESULT']._serialized_start=1217
-  _globals['_OCRRESULT']._serialized_end=1260
+  _globals['_EVENT']._serialized_end=606
+  _globals['_TAGADDED']._serialized_start=608
+  _globals['_TAGADDED']._serialized_end=631
+  _globals['_TAGREMOVED']._serialized_start=633
+  _globals['_TAGREMOVED']._serialized_end=675
+  _globals['_CONVERSATIONSTARTED']._serialized_start=677
+  _globals['_CONVERSATIONSTARTED']._serialized_end=718
+  _globals['_VISITORMESSAGE']._serialized_start=721
+  _globals['_VISITORMESSAGE']._serialized_end=875
+  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_start=831
+  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_end=875
+  _globals['_BOTREPLY']._serialized_start=877
+  _globals['_BOTREPLY']._serialized_end=1002
+  _globals['_PROVENANCE']._serialized_start=1005
+  _globals['_PROVENANCE']._serialized_end=1243
+  _globals['_AGENTMESSAGE']._serialized_start=1245
+  _globals['_AGENTMESSAGE']._serialized_end=1291
+  _globals['_MODECHANGED']._serialized_start=1293
+  _globals['_MODECHANGED']._serialized_end=1336
+  _globals['_SLOTSET']._serialized_start=1338
+  _globals['_SLOTSET']._serialized_end=1376
+  _globals['_OCRRESULT']._serialized_start=1378
+  _globals['_OCRRESULT']._serialized_end=1421
 # @@protoc_insertion_point(module_scope)

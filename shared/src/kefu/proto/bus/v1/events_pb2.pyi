@@ -39,6 +39,8 @@ class Event(_message.Message):
     MODE_CHANGED_FIELD_NUMBER: _builtins.int
     SLOT_SET_FIELD_NUMBER: _builtins.int
     OCR_RESULT_FIELD_NUMBER: _builtins.int
+    TAG_ADDED_FIELD_NUMBER: _builtins.int
+    TAG_REMOVED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique; used as Nats-Msg-Id so a retried append is stored once."""
     conversation_id: _builtins.str
@@ -63,6 +65,10 @@ class Event(_message.Message):
     def slot_set(self) -> Global___SlotSet: ...
     @_builtins.property
     def ocr_result(self) -> Global___OcrResult: ...
+    @_builtins.property
+    def tag_added(self) -> Global___TagAdded: ...
+    @_builtins.property
+    def tag_removed(self) -> Global___TagRemoved: ...
     def __init__(
         self,
         *,
@@ -80,16 +86,66 @@ class Event(_message.Message):
         mode_changed: Global___ModeChanged | None = ...,
         slot_set: Global___SlotSet | None = ...,
         ocr_result: Global___OcrResult | None = ...,
+        tag_added: Global___TagAdded | None = ...,
+        tag_removed: Global___TagRemoved | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "slot_set", b"slot_set", "started", b"started", "visitor_message", b"visitor_message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "visitor_message", b"visitor_message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "conversation_id", b"conversation_id", "id", b"id", "lamport", b"lamport", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "seq", b"seq", "slot_set", b"slot_set", "started", b"started", "tenant", b"tenant", "ts_ms", b"ts_ms", "visitor_message", b"visitor_message", "writer", b"writer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "conversation_id", b"conversation_id", "id", b"id", "lamport", b"lamport", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "seq", b"seq", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tenant", b"tenant", "ts_ms", b"ts_ms", "visitor_message", b"visitor_message", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "visitor_message", "bot_reply", "agent_message", "mode_changed", "slot_set", "ocr_result"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "visitor_message", "bot_reply", "agent_message", "mode_changed", "slot_set", "ocr_result", "tag_added", "tag_removed"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class TagAdded(_message.Message):
+    """Tags are an observed-remove set: a removal names the additions it saw, so an addition made
+    concurrently elsewhere survives it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagAdded: _TypeAlias = TagAdded  # noqa: Y015
+
+@_typing.final
+class TagRemoved(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    ADD_IDS_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    @_builtins.property
+    def add_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event ids of the TagAdded events this removal observed."""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        add_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_ids", b"add_ids", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagRemoved: _TypeAlias = TagRemoved  # noqa: Y015
 
 @_typing.final
 class ConversationStarted(_message.Message):

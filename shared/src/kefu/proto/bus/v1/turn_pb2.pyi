@@ -196,6 +196,9 @@ class Turn(_message.Message):
     CLIENT_MSG_ID_FIELD_NUMBER: _builtins.int
     IN_REPLY_TO_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    LAMPORT_FIELD_NUMBER: _builtins.int
+    WRITER_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     role: _builtins.str
     """visitor, bot or agent."""
@@ -203,6 +206,10 @@ class Turn(_message.Message):
     source: _builtins.str
     client_msg_id: _builtins.str
     in_reply_to: _builtins.int
+    id: _builtins.str
+    """The event that made the turn and its stamp."""
+    lamport: _builtins.int
+    writer: _builtins.str
     @_builtins.property
     def citations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -220,10 +227,13 @@ class Turn(_message.Message):
         client_msg_id: _builtins.str = ...,
         in_reply_to: _builtins.int = ...,
         provenance: _events_pb2.Provenance | None = ...,
+        id: _builtins.str = ...,
+        lamport: _builtins.int = ...,
+        writer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "client_msg_id", b"client_msg_id", "in_reply_to", b"in_reply_to", "provenance", b"provenance", "role", b"role", "seq", b"seq", "source", b"source", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "client_msg_id", b"client_msg_id", "id", b"id", "in_reply_to", b"in_reply_to", "lamport", b"lamport", "provenance", b"provenance", "role", b"role", "seq", b"seq", "source", b"source", "text", b"text", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,6 +283,48 @@ class ConversationState(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SlotStampsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Stamp: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Stamp | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TagAddsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___TagAdds: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___TagAdds | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     VISITOR_ID_FIELD_NUMBER: _builtins.int
@@ -286,6 +338,11 @@ class ConversationState(_message.Message):
     LAMPORT_FIELD_NUMBER: _builtins.int
     STREAM_SEQ_FIELD_NUMBER: _builtins.int
     CLIENT_MSGS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SLOT_STAMPS_FIELD_NUMBER: _builtins.int
+    MODE_STAMP_FIELD_NUMBER: _builtins.int
+    TAG_ADDS_FIELD_NUMBER: _builtins.int
+    TAG_REMOVES_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     tenant: _builtins.str
     visitor_id: _builtins.str
@@ -306,6 +363,18 @@ class ConversationState(_message.Message):
     def client_msgs(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """client_msg_id -> seq of that visitor message."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def slot_stamps(self) -> _containers.MessageMap[_builtins.str, Global___Stamp]:
+        """The CRDT bookkeeping behind the visible fields, so a cached state merges like a folded one."""
+
+    @_builtins.property
+    def mode_stamp(self) -> Global___Stamp: ...
+    @_builtins.property
+    def tag_adds(self) -> _containers.MessageMap[_builtins.str, Global___TagAdds]: ...
+    @_builtins.property
+    def tag_removes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -322,14 +391,66 @@ class ConversationState(_message.Message):
         lamport: _builtins.int = ...,
         stream_seq: _builtins.int = ...,
         client_msgs: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        slot_stamps: _abc.Mapping[_builtins.str, Global___Stamp] | None = ...,
+        mode_stamp: Global___Stamp | None = ...,
+        tag_adds: _abc.Mapping[_builtins.str, Global___TagAdds] | None = ...,
+        tag_removes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mode_stamp", b"mode_stamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msgs", b"client_msgs", "conversation_id", b"conversation_id", "created_ms", b"created_ms", "lamport", b"lamport", "mode", b"mode", "seq", b"seq", "slots", b"slots", "stream_seq", b"stream_seq", "summary", b"summary", "tenant", b"tenant", "turns", b"turns", "updated_ms", b"updated_ms", "visitor_id", b"visitor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msgs", b"client_msgs", "conversation_id", b"conversation_id", "created_ms", b"created_ms", "lamport", b"lamport", "mode", b"mode", "mode_stamp", b"mode_stamp", "seq", b"seq", "slot_stamps", b"slot_stamps", "slots", b"slots", "stream_seq", b"stream_seq", "summary", b"summary", "tag_adds", b"tag_adds", "tag_removes", b"tag_removes", "tags", b"tags", "tenant", b"tenant", "turns", b"turns", "updated_ms", b"updated_ms", "visitor_id", b"visitor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConversationState: _TypeAlias = ConversationState  # noqa: Y015
+
+@_typing.final
+class Stamp(_message.Message):
+    """Orders concurrent writes: (lamport, writer, event id), compared in that order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAMPORT_FIELD_NUMBER: _builtins.int
+    WRITER_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    lamport: _builtins.int
+    writer: _builtins.str
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lamport: _builtins.int = ...,
+        writer: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "lamport", b"lamport", "writer", b"writer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Stamp: _TypeAlias = Stamp  # noqa: Y015
+
+@_typing.final
+class TagAdds(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagAdds: _TypeAlias = TagAdds  # noqa: Y015
 
 @_typing.final
 class OutEvent(_message.Message):
