@@ -1,6 +1,15 @@
 import pytest
 
-from kefu.dialogue.policy import Passage, best_evidence, build_messages, sentence_ok, split_complete, wants_human
+from kefu.dialogue.policy import (
+    Passage,
+    best_evidence,
+    build_messages,
+    handoff_summary,
+    sentence_ok,
+    split_complete,
+    upset,
+    wants_human,
+)
 
 LAMP = Passage("lamp", "Desk lamp L2", "The L2 desk lamp costs 129 yuan and has three brightness levels.")
 KETTLE = Passage("kettle", "电水壶 K5", "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月。")
@@ -77,3 +86,19 @@ def test_split_complete_waits_for_the_end_of_a_sentence():
     assert split_complete("It costs 129 yuan. It has 1.") == (["It costs 129 yuan."], " It has 1.")
     assert split_complete("保修 18 个月。支持") == (["保修 18 个月。"], "支持")
     assert split_complete("no end yet") == ([], "no end yet")
+
+
+@pytest.mark.parametrize("text", ["你们这服务太差了，我要投诉", "This is ridiculous", "where is my order!!!"])
+def test_upset_visitors(text):
+    assert upset(text)
+
+
+def test_calm_visitors_are_not_upset():
+    assert not upset("How much is the X100?") and not upset("谢谢！")
+
+
+def test_handoff_summary_tells_the_agent_what_is_known():
+    text = handoff_summary("repeated_failure", ["X100 多少钱", "它保修多久", "能分期吗"], {"product": "X100"},
+                           "", "no_answer")
+    assert text.splitlines()[0] == "reason: repeated_failure"
+    assert "asked: 能分期吗" in text and "known: product=X100" in text and "no_answer" in text

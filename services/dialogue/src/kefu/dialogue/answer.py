@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, replace
 import nats.errors
 
 from kefu.dialogue.policy import (
+    HANDOFF_FAILED_TEXT,
     HANDOFF_TEXT,
+    HANDOFF_UPSET_TEXT,
     HUMAN_MODE_TEXT,
     NO_ANSWER_TEXT,
     Evidence,
@@ -24,6 +26,7 @@ from kefu.dialogue.policy import (
     lang,
     sentence_ok,
     split_complete,
+    upset,
     wants_human,
 )
 from kefu.dialogue.state import Provenance
@@ -75,16 +78,27 @@ class Answerer:
         self.bus = bus
         self.settings = settings
 
-    async def answer(self, *, tenant: str, mode: str, text: str, query: str, kb_min_seq: int,
-                     emit: Emit) -> Answer:
-        """The reply to ``text``; ``query`` is what to search (``text`` rewritten with the remembered slots)."""
+    async def answer(self, *, tenant: str, mode: str, text: str, query: str, kb_min_seq: int, emit: Emit,
+                     failures: int = 0) -> Answer:
+        """The reply to ``text``; ``query`` is what to search (``text`` rewritten with the remembered slots),
+        ``failures`` how many of the bot's last replies in a row found no answer."""
         language = lang(text)
         if mode == "human":
             reply = Answer(HUMAN_MODE_TEXT[language], "handoff", provenance=Provenance(decision="human_mode"))
         elif wants_human(text):
-            reply = Answer(HANDOFF_TEXT[language], "handoff", handoff=True, provenance=Provenance(decision="handoff"))
+            reply = Answer(HANDOFF_TEXT[language], "handoff", handoff=True,
+                           provenance=Provenance(decision="handoff:asked"))
+        elif upset(text):
+            reply = Answer(HANDOFF_UPSET_TEXT[language], "handoff", handoff=True,
+                           provenance=Provenance(decision="handoff:upset"))
         else:
-            return await self._from_kb(tenant, text, query, kb_min_seq, emit)
+            reply = await self._from_kb(tenant, text, query, kb_min_seq, emit)
+            if reply.provenance.decision != "no_answer":
+                return reply  # already streamed
+            if failures >= 1:
+                # Twice in a row the bot had nothing: a person, not another apology.
+                reply = Answer(HANDOFF_FAILED_TEXT[language], "handoff", handoff=True,
+                               provenance=replace(reply.provenance, decision="handoff:repeated_failure"))
         await emit(reply.text)
         return reply
 
@@ -102,9 +116,7 @@ class Answerer:
                           scores=tuple(round(h.score, 6) for h in found.hits))
         evidence = best_evidence(query, passages)
         if evidence is None:
-            reply = Answer(NO_ANSWER_TEXT[lang(text)], "kb", provenance=replace(prov, decision="no_answer"))
-            await emit(reply.text)
-            return reply
+            return Answer(NO_ANSWER_TEXT[lang(text)], "kb", provenance=replace(prov, decision="no_answer"))
         prov = replace(prov, decision="answered", evidence=evidence.sentence,
                        required_facts=tuple(sorted(evidence.required)))
         if self.settings.llm_enabled:

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
+from kefu.dialogue.policy import handoff_summary
 from kefu.dialogue.slots import extract, rewrite
 from kefu.dialogue.state import BotReply, ModeChanged, Started, State, VisitorMessage
 from kefu.dialogue.store import ConversationStore
@@ -33,6 +34,26 @@ class DialogueSettings(KefuSettings):
     llm_max_tokens: int = Field(default=96, ge=8, le=1024)
     llm_first_chunk_timeout: float = Field(default=20.0, gt=0)
     llm_enabled: bool = True
+
+
+def failures(state: State) -> int:
+    """How many of the bot's latest replies in a row found nothing to answer with."""
+    count = 0
+    for turn in reversed(state.turns):
+        if turn.role != "bot":
+            continue
+        if turn.provenance is None or turn.provenance.decision != "no_answer":
+            break
+        count += 1
+    return count
+
+
+def summary_for_agent(state: State, reason: str) -> str:
+    """The handoff summary: why, the visitor's last questions, the slots, the bot's last evidence."""
+    questions = [t.text for t in state.turns if t.role == "visitor"]
+    last = next((t.provenance for t in reversed(state.turns) if t.role == "bot" and t.provenance), None)
+    return handoff_summary(reason, questions, state.slots, last.evidence if last else "",
+                           last.decision if last else "")
 
 
 def previous_query(state: State, seq: int) -> str:
@@ -122,7 +143,7 @@ class DialogueService(Service):
             # The slots before this message, updated by it (the state already holds both).
             query = rewrite(text, state.slots, previous_query(state, seq))
             answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
-                                                kb_min_seq=req.kb_min_seq, emit=emit)
+                                                kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state))
             await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
@@ -154,7 +175,9 @@ class DialogueService(Service):
         for _ in range(APPEND_RETRIES):
             try:
                 if answer.handoff and state.mode != "human":
-                    state, _ev = await self.store.append(state, ModeChanged("human", "visitor asked for a human"))
+                    reason = answer.provenance.decision.removeprefix("handoff:")
+                    state, _ev = await self.store.append(state, ModeChanged("human", reason,
+                                                                            summary_for_agent(state, reason)))
                 await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations), seq,
                                                         answer.provenance))
                 return

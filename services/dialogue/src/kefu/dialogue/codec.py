@@ -42,6 +42,7 @@ def event_to_proto(ev: Event) -> events_pb2.Event:
             pb.agent_message.agent_id, pb.agent_message.text = b.agent_id, b.text
         case ModeChanged():
             pb.mode_changed.mode, pb.mode_changed.reason = b.mode, b.reason
+            pb.mode_changed.handoff_summary = b.handoff_summary
         case SlotSet():
             pb.slot_set.name, pb.slot_set.value = b.name, b.value
         case OcrResult():
@@ -69,7 +70,7 @@ def event_from_proto(pb: events_pb2.Event) -> Event:
     elif kind == "agent_message":
         body = AgentMessage(pb.agent_message.agent_id, pb.agent_message.text)
     elif kind == "mode_changed":
-        body = ModeChanged(pb.mode_changed.mode, pb.mode_changed.reason)
+        body = ModeChanged(pb.mode_changed.mode, pb.mode_changed.reason, pb.mode_changed.handoff_summary)
     elif kind == "slot_set":
         body = SlotSet(pb.slot_set.name, pb.slot_set.value)
     elif kind == "ocr_result":
@@ -100,7 +101,7 @@ def state_to_proto(s: State) -> turn_pb2.ConversationState:
     pb = turn_pb2.ConversationState(
         conversation_id=s.conversation_id, tenant=s.tenant, visitor_id=s.visitor_id, mode=s.mode,
         seq=max(s.seq, 0), summary=s.summary, created_ms=s.created_ms, updated_ms=s.updated_ms, lamport=s.lamport,
-        stream_seq=s.stream_seq,
+        stream_seq=s.stream_seq, handoff_summary=s.handoff_summary,
     )
     for t in s.turns:
         turn = pb.turns.add(seq=t.seq, role=t.role, text=t.text, source=t.source, citations=list(t.citations),
@@ -136,4 +137,5 @@ def state_from_proto(pb: turn_pb2.ConversationState) -> State:
     return State(pb.conversation_id, pb.tenant, pb.visitor_id, pb.mode or "bot", pb.seq, turns, dict(pb.slots),
                  pb.summary, pb.created_ms, pb.updated_ms, pb.lamport, pb.stream_seq, dict(pb.client_msgs),
                  {k: _stamp_from_proto(v) for k, v in pb.slot_stamps.items()}, _stamp_from_proto(pb.mode_stamp),
-                 {k: frozenset(v.ids) for k, v in pb.tag_adds.items()}, frozenset(pb.tag_removes))
+                 {k: frozenset(v.ids) for k, v in pb.tag_adds.items()}, frozenset(pb.tag_removes),
+                 pb.handoff_summary)

@@ -33,6 +33,15 @@ NO_ANSWER_TEXT = {
 }
 
 
+_UPSET_ZH = re.compile(r"投诉|太差|垃圾|骗子|骗人|生气|气死|差评|什么破|坑人|无语|搞什么|退钱")
+_UPSET_EN = re.compile(r"\b(terrible|ridiculous|useless|scam|worst|awful|angry|furious|complaint|complain|"
+                       r"rip-?off|unacceptable)\b|!{3,}", re.I)
+HANDOFF_UPSET_TEXT = {"zh": "非常抱歉给您带来不好的体验，正在为您转接人工客服，请稍候。",
+                      "en": "I'm sorry about this. I'm connecting you to a human agent right away."}
+HANDOFF_FAILED_TEXT = {"zh": "抱歉我没能回答您的问题，正在为您转接人工客服，请稍候。",
+                       "en": "Sorry I couldn't answer that. I'm connecting you to a human agent."}
+
+
 def lang(text: str) -> str:
     return "zh" if has_cjk(text) else "en"
 
@@ -40,6 +49,25 @@ def lang(text: str) -> str:
 def wants_human(text: str) -> bool:
     """True when the visitor asks for a person (转人工, "talk to a human", ...)."""
     return bool(_HANDOFF_ZH.search(text) or _HANDOFF_EN.search(text))
+
+
+def upset(text: str) -> bool:
+    """True when the visitor sounds angry or wants to complain: a person should take over."""
+    return bool(_UPSET_ZH.search(text) or _UPSET_EN.search(text))
+
+
+def handoff_summary(reason: str, questions: list[str], slots: dict[str, str], last_evidence: str,
+                    last_decision: str) -> str:
+    """What the agent taking over reads first: why, what the visitor asked, what is known."""
+    lines = [f"reason: {reason}"]
+    lines += [f"asked: {q}" for q in questions[-3:]]
+    if slots:
+        lines.append("known: " + ", ".join(f"{k}={v}" for k, v in sorted(slots.items())))
+    if last_evidence:
+        lines.append(f"bot's last evidence ({last_decision}): {last_evidence}")
+    elif last_decision:
+        lines.append(f"bot's last outcome: {last_decision}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class AgentMessage:
 class ModeChanged:
     mode: str
     reason: str = ""
+    handoff_summary: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ class State:
     mode_stamp: Stamp = NO_STAMP
     tag_adds: dict[str, frozenset[str]] = field(default_factory=dict)
     tag_removes: frozenset[str] = frozenset()
+    # Written with the mode (same register): the summary for the agent of the last handoff.
+    handoff_summary: str = ""
 
     @property
     def tags(self) -> list[str]:
@@ -175,7 +178,8 @@ def merge(a: State, b: State) -> State:
     turns = {t.stamp: t for t in a.turns}
     turns.update({t.stamp: t for t in b.turns})
     slots, slot_stamps = _lww(a.slots, a.slot_stamps, b.slots, b.slot_stamps)
-    mode, mode_stamp = (a.mode, a.mode_stamp) if a.mode_stamp >= b.mode_stamp else (b.mode, b.mode_stamp)
+    winner = a if a.mode_stamp >= b.mode_stamp else b
+    mode, mode_stamp, handoff_summary = winner.mode, winner.mode_stamp, winner.handoff_summary
     client_msgs = dict(a.client_msgs)
     for cmid, seq in b.client_msgs.items():
         client_msgs[cmid] = min(seq, client_msgs.get(cmid, seq))
@@ -191,6 +195,7 @@ def merge(a: State, b: State) -> State:
         summary=max(a.summary, b.summary), created_ms=created, updated_ms=max(a.updated_ms, b.updated_ms),
         lamport=max(a.lamport, b.lamport), stream_seq=max(a.stream_seq, b.stream_seq), client_msgs=client_msgs,
         slot_stamps=slot_stamps, mode_stamp=mode_stamp, tag_adds=tag_adds, tag_removes=a.tag_removes | b.tag_removes,
+        handoff_summary=handoff_summary,
     )
 
 
@@ -210,8 +215,8 @@ def of_event(conversation_id: str, tenant: str, event: Event) -> State:
             return replace(base, turns=(turn,))
         case AgentMessage(text=text):
             return replace(base, turns=(Turn(event.seq, "agent", text, "agent", stamp=stamp),))
-        case ModeChanged(mode=mode):
-            return replace(base, mode=mode, mode_stamp=stamp)
+        case ModeChanged(mode=mode, handoff_summary=summary):
+            return replace(base, mode=mode, mode_stamp=stamp, handoff_summary=summary)
         case SlotSet(name=name, value=value):
             return replace(base, slots={name: value}, slot_stamps={name: stamp})
         case OcrResult(text=text):

@@ -122,8 +122,11 @@ def state_json(s: turn_pb2.ConversationState, *, admin: bool = False) -> dict[st
         if admin and t.HasField("provenance"):
             turn["provenance"] = MessageToDict(t.provenance, preserving_proto_field_name=True)
         turns.append(turn)
-    return {"conversation_id": s.conversation_id, "tenant": s.tenant, "mode": s.mode or "bot", "seq": s.seq,
+    body = {"conversation_id": s.conversation_id, "tenant": s.tenant, "mode": s.mode or "bot", "seq": s.seq,
             "turns": turns, "slots": dict(s.slots), "summary": s.summary, "tags": list(s.tags)}
+    if admin and s.handoff_summary:
+        body["handoff_summary"] = s.handoff_summary
+    return body
 
 
 def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:

@@ -342,18 +342,23 @@ class ModeChanged(_message.Message):
 
     MODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    HANDOFF_SUMMARY_FIELD_NUMBER: _builtins.int
     mode: _builtins.str
     """"bot" or "human"."""
     reason: _builtins.str
+    """asked, repeated_failure, upset, agent, ..."""
+    handoff_summary: _builtins.str
+    """For the agent taking over: what the visitor wanted, what is known, and how sure the bot was."""
     def __init__(
         self,
         *,
         mode: _builtins.str = ...,
         reason: _builtins.str = ...,
+        handoff_summary: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handoff_summary", b"handoff_summary", "mode", b"mode", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

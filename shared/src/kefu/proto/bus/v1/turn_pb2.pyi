@@ -339,6 +339,7 @@ class ConversationState(_message.Message):
     STREAM_SEQ_FIELD_NUMBER: _builtins.int
     CLIENT_MSGS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    HANDOFF_SUMMARY_FIELD_NUMBER: _builtins.int
     SLOT_STAMPS_FIELD_NUMBER: _builtins.int
     MODE_STAMP_FIELD_NUMBER: _builtins.int
     TAG_ADDS_FIELD_NUMBER: _builtins.int
@@ -355,6 +356,8 @@ class ConversationState(_message.Message):
     lamport: _builtins.int
     stream_seq: _builtins.int
     """The CONV stream sequence of the last event (the expected last subject sequence of the next append)."""
+    handoff_summary: _builtins.str
+    """Set when the conversation went to a human: the summary the agent sees first."""
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Turn]: ...
     @_builtins.property
@@ -392,6 +395,7 @@ class ConversationState(_message.Message):
         stream_seq: _builtins.int = ...,
         client_msgs: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
+        handoff_summary: _builtins.str = ...,
         slot_stamps: _abc.Mapping[_builtins.str, Global___Stamp] | None = ...,
         mode_stamp: Global___Stamp | None = ...,
         tag_adds: _abc.Mapping[_builtins.str, Global___TagAdds] | None = ...,
@@ -399,7 +403,7 @@ class ConversationState(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["mode_stamp", b"mode_stamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msgs", b"client_msgs", "conversation_id", b"conversation_id", "created_ms", b"created_ms", "lamport", b"lamport", "mode", b"mode", "mode_stamp", b"mode_stamp", "seq", b"seq", "slot_stamps", b"slot_stamps", "slots", b"slots", "stream_seq", b"stream_seq", "summary", b"summary", "tag_adds", b"tag_adds", "tag_removes", b"tag_removes", "tags", b"tags", "tenant", b"tenant", "turns", b"turns", "updated_ms", b"updated_ms", "visitor_id", b"visitor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msgs", b"client_msgs", "conversation_id", b"conversation_id", "created_ms", b"created_ms", "handoff_summary", b"handoff_summary", "lamport", b"lamport", "mode", b"mode", "mode_stamp", b"mode_stamp", "seq", b"seq", "slot_stamps", b"slot_stamps", "slots", b"slots", "stream_seq", b"stream_seq", "summary", b"summary", "tag_adds", b"tag_adds", "tag_removes", b"tag_removes", "tags", b"tags", "tenant", b"tenant", "turns", b"turns", "updated_ms", b"updated_ms", "visitor_id", b"visitor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
