@@ -83,8 +83,116 @@ async def run(data_dir: Path) -> dict:
         "target": "follow-ups answered with the right fact >= 0.9", "failures": [r for r in results if not r["ok"]]}
 
 
+async def perf(data_dir: Path) -> dict:
+    """Dialogue's own costs: per-turn overhead (a turn minus its search), state load, rebuilding a
+    1,000-event conversation from the stream, and prompt size at turn 5 against turn 50."""
+    import statistics
+    import uuid
+
+    from kefu.dialogue.app import DialogueService, DialogueSettings
+    from kefu.dialogue.state import Started, State, VisitorMessage
+    from kefu.dialogue.store import ConversationStore
+    from kefu.inference.app import InferenceService, InferenceSettings
+    from kefu.proto.bus.v1 import retrieval_pb2, turn_pb2
+    from kefu.retrieval.app import RetrievalService, RetrievalSettings
+    from kefu.shared.bus import Bus
+    from kefu.shared.models import models_dir
+    from kefu.shared.natsserver import NatsServer
+    from kefu.shared.service import start_in_background
+    from kefu.shared.streams import KV_CONV_STATE, kb_subject
+
+    def ms(values: list[float]) -> float:
+        return round(statistics.median(values) * 1000, 3)
+
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "js") as nats:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        (data / "models").symlink_to(models_dir(data_dir).resolve())
+        common = {"nats_url": nats.url, "data_dir": data, "log_level": "warning"}
+        stop = asyncio.Event()
+        retrieval = RetrievalService(RetrievalSettings(**common))
+        tasks = [await start_in_background(retrieval, stop),
+                 await start_in_background(InferenceService(InferenceSettings(**common)), stop)]
+        quiet_stop = asyncio.Event()
+        quiet = await start_in_background(DialogueService(DialogueSettings(**common, llm_enabled=False)), quiet_stop)
+        bus = await Bus.connect([nats.url], "bench")
+        kb = [json.loads(line) for line in (DATA / "retrieval" / "kb.jsonl").read_text().splitlines() if line.strip()]
+        for doc in kb:
+            msg = retrieval_pb2.Document(tenant="shop", doc_id=doc["doc_id"], title=doc["title"], text=doc["text"])
+            last = (await bus.js.publish(kb_subject("shop", doc["doc_id"]), msg.SerializeToString())).seq
+        await retrieval._wait_applied(last)
+
+        # Overhead: a whole turn (answer from the passage, no generation) against its search alone.
+        start = await bus.request("kefu.dialogue.start", turn_pb2.StartConversationRequest(tenant="shop"),
+                                  turn_pb2.StartConversationReply)
+        query = "How much is the X100 Pro?"
+        turns, searches = [], []
+        for i in range(60):
+            t0 = time.perf_counter()
+            await bus.request("kefu.dialogue.turn", turn_pb2.TurnRequest(
+                conversation_id=start.conversation_id, text=query, turn_id=str(i)), turn_pb2.TurnReply, timeout=30)
+            turns.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await bus.request("kefu.retrieval.search", retrieval_pb2.SearchRequest(tenant="shop", query=query, k=8,
+                                                                                  expand_docs=2),
+                              retrieval_pb2.SearchReply)
+            searches.append(time.perf_counter() - t0)
+
+        # State load (cached) and rebuild of a 1,000-event conversation from the stream.
+        store = ConversationStore(bus, "bench")
+        await store.setup()
+        loads = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            await store.load(start.conversation_id)
+            loads.append(time.perf_counter() - t0)
+        long = State(uuid.uuid4().hex, "shop")
+        long, _ = await store.append(long, Started("bench"))
+        for i in range(999):
+            long, _ = await store.append(long, VisitorMessage(f"message {i}"))
+        kv = await bus.js.key_value(KV_CONV_STATE)
+        rebuilds = []
+        for _ in range(5):
+            await kv.delete(long.conversation_id)
+            t0 = time.perf_counter()
+            rebuilt = await store.load(long.conversation_id)
+            rebuilds.append(time.perf_counter() - t0)
+            assert rebuilt.seq == 999
+
+        # Prompt size through a 50-turn conversation (with generation).
+        quiet_stop.set()
+        await quiet
+        tasks.append(await start_in_background(DialogueService(DialogueSettings(**common)), stop))
+        start = await bus.request("kefu.dialogue.start", turn_pb2.StartConversationRequest(tenant="shop"),
+                                  turn_pb2.StartConversationReply)
+        questions = ["How much is the X100?", "What about its battery?", "K5 电水壶保修多久？", "它多少钱？",
+                     "How long do refunds take?"]
+        for i in range(50):
+            await bus.request("kefu.dialogue.turn", turn_pb2.TurnRequest(
+                conversation_id=start.conversation_id, text=questions[i % len(questions)], turn_id=f"p{i}"),
+                turn_pb2.TurnReply, timeout=120)
+        state = await bus.request("kefu.dialogue.get", turn_pb2.GetStateRequest(conversation_id=start.conversation_id),
+                                  turn_pb2.ConversationState)
+        bot = [t for t in state.turns if t.role == "bot"]
+        prompt = [t.provenance.prompt_chars for t in bot]
+        await bus.close()
+        stop.set()
+        await asyncio.gather(*tasks)
+    return {
+        "turn_p50_ms": ms(turns), "search_p50_ms": ms(searches),
+        "overhead_p50_ms": round(ms(turns) - ms(searches), 3), "overhead_target_ms": 5,
+        "state_load_p50_ms": ms(loads), "state_load_target_ms": 2,
+        "rebuild_1000_events_p50_ms": ms(rebuilds), "rebuild_target_ms": 200,
+        "prompt_chars_turn5": prompt[4], "prompt_chars_turn50": prompt[49],
+        "prompt_ratio_50_to_5": round(prompt[49] / prompt[4], 3) if prompt[4] else None, "prompt_ratio_target": 1.2,
+        "note": "prompt size counted in characters (recorded in each bot turn's provenance)",
+    }
+
+
 def main() -> None:
-    report = asyncio.run(run(Path(os.environ.get("KEFU_DATA_DIR", ".kefu"))))
+    data_dir = Path(os.environ.get("KEFU_DATA_DIR", ".kefu"))
+    report = asyncio.run(run(data_dir))
+    report["performance"] = asyncio.run(perf(data_dir))
     write("dialogue", report)
 
 

@@ -2,6 +2,7 @@ import uuid
 
 import pytest
 
+from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.state import BotReply, Started, State, VisitorMessage
 from kefu.dialogue.store import ConversationStore
 from kefu.shared import errors
@@ -36,7 +37,7 @@ async def test_a_stale_writer_gets_a_conflict_and_nothing_is_lost(store):
     first, _ = await store.append(state, VisitorMessage("from replica A"))
     with pytest.raises(errors.Conflict):
         await store.append(state, VisitorMessage("from replica B, based on an old state"))
-    fresh = await store.load(state.conversation_id)
+    fresh = await store.load(state.conversation_id, verify=True)
     assert [t.text for t in fresh.turns] == ["from replica A"]
     again, _ = await store.append(fresh, VisitorMessage("from replica B, retried"))
     assert [t.seq for t in again.turns] == [1, 2]
@@ -49,6 +50,12 @@ async def test_state_is_rebuilt_from_the_log_when_the_cache_is_gone(store, bus):
     await kv.delete(state.conversation_id)
     rebuilt = await store.load(state.conversation_id)
     assert rebuilt == state
+    # A cache that lags the log (a writer died between append and cache write) is caught by verify.
+    lagging = state
+    state, _ = await store.append(state, VisitorMessage("written, cache not updated"))
+    await kv.put(state.conversation_id, state_to_proto(lagging).SerializeToString())
+    assert await store.load(state.conversation_id) == lagging
+    assert await store.load(state.conversation_id, verify=True) == state
 
 
 async def test_unknown_conversation_is_not_found(store):

@@ -7,6 +7,7 @@ and evidence selection meet the document halfway, across Chinese and English, wi
 
 from __future__ import annotations
 
+import functools
 import re
 
 from kefu.shared.text import has_cjk, normalize
@@ -61,26 +62,29 @@ PRODUCT_ATTRIBUTES = frozenset({"price", "warranty", "battery", "charging", "scr
                                 "runtime", "mesh"})
 
 
-_WORD = re.compile(r"[a-z0-9]+")
+def _pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+    # Chinese words and English phrases match anywhere (Chinese has no spaces to split at); other
+    # words only whole ("close" is not in "closet").
+    inside = [re.escape(w) for w in words if has_cjk(w) or " " in w or not w.isalnum()]
+    whole = [re.escape(w) for w in words if not (has_cjk(w) or " " in w or not w.isalnum())]
+    parts = inside + ([rf"(?<![a-z0-9])(?:{'|'.join(whole)})(?![a-z0-9])"] if whole else [])
+    return re.compile("|".join(parts))
 
 
-def _mentions(text: str, word: str, latin: set[str]) -> bool:
-    # Chinese words and English phrases are found inside the text; other words must be whole words.
-    return word in text if has_cjk(word) or " " in word else word in latin
+_PATTERNS = {name: _pattern(words) for name, words in CONCEPTS.items()}
 
 
-def concepts(text: str) -> set[str]:
-    """The concepts ``text`` mentions."""
+@functools.lru_cache(maxsize=8192)
+def concepts(text: str) -> frozenset[str]:
+    """The concepts ``text`` mentions (cached: the same knowledge-base sentences come back often)."""
     norm = normalize(text)
-    latin = set(_WORD.findall(norm))
-    return {name for name, words in CONCEPTS.items() if any(_mentions(norm, w, latin) for w in words)}
+    return frozenset(name for name, pattern in _PATTERNS.items() if pattern.search(norm))
 
 
 def expansions(text: str) -> list[str]:
     """The other words of every concept ``text`` mentions, in both languages (not those it has)."""
     norm = normalize(text)
-    latin = set(_WORD.findall(norm))
     out: list[str] = []
     for name in sorted(concepts(text)):
-        out.extend(w for w in CONCEPTS[name] if not _mentions(norm, w, latin))
+        out.extend(w for w in CONCEPTS[name] if not _pattern((w,)).search(norm))
     return out

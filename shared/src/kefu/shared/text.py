@@ -6,6 +6,7 @@ jieba loads its dictionary on first use (about a second); services call :func:`w
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -89,10 +90,11 @@ def identifiers(text: str) -> set[str]:
     return {re.sub(r"[-_]", "", m.group()).upper() for m in _IDENT.finditer(text) if len(m.group()) >= 2}
 
 
-def content_tokens(text: str) -> set[str]:
+@functools.lru_cache(maxsize=8192)
+def content_tokens(text: str) -> frozenset[str]:
     """The tokens of ``text`` that carry meaning (no stop words), a code counted once ("rv-300", not
     also "rv" and "300")."""
-    return {t for t in tokenize(text, split_codes=False) if t not in STOPWORDS}
+    return frozenset(t for t in tokenize(text, split_codes=False) if t not in STOPWORDS)
 
 
 def split_sentences(text: str) -> list[str]:

@@ -51,6 +51,7 @@ class _Generation:
     sampling: str = ""
     prompt_sha256: str = ""
     model: str = ""
+    prompt_chars: int = 0
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Answerer:
         self.settings = settings
 
     async def answer(self, *, tenant: str, mode: str, text: str, query: str, kb_min_seq: int, emit: Emit,
-                     failures: int = 0) -> Answer:
+                     failures: int = 0, context: str = "") -> Answer:
         """The reply to ``text``; ``query`` is what to search (``text`` rewritten with the remembered slots),
         ``failures`` how many of the bot's last replies in a row found no answer."""
         language = lang(text)
@@ -92,7 +93,7 @@ class Answerer:
             reply = Answer(HANDOFF_UPSET_TEXT[language], "handoff", handoff=True,
                            provenance=Provenance(decision="handoff:upset"))
         else:
-            reply = await self._from_kb(tenant, text, query, kb_min_seq, emit)
+            reply = await self._from_kb(tenant, text, query, kb_min_seq, emit, context)
             if reply.provenance.decision != "no_answer":
                 return reply  # already streamed
             if failures >= 1:
@@ -102,7 +103,8 @@ class Answerer:
         await emit(reply.text)
         return reply
 
-    async def _from_kb(self, tenant: str, text: str, query: str, kb_min_seq: int, emit: Emit) -> Answer:
+    async def _from_kb(self, tenant: str, text: str, query: str, kb_min_seq: int, emit: Emit,
+                       context: str = "") -> Answer:
         keywords = expansions(query)
         found = await self.bus.request(
             "kefu.retrieval.search",
@@ -120,8 +122,9 @@ class Answerer:
         prov = replace(prov, decision="answered", evidence=evidence.sentence,
                        required_facts=tuple(sorted(evidence.required)))
         if self.settings.llm_enabled:
-            shown, gen = await self._generate_checked(query, passages, evidence, emit)
-            prov = replace(prov, model=gen.model, sampling=gen.sampling, prompt_sha256=gen.prompt_sha256)
+            shown, gen = await self._generate_checked(query, passages, evidence, emit, context)
+            prov = replace(prov, model=gen.model, sampling=gen.sampling, prompt_sha256=gen.prompt_sha256,
+                           prompt_chars=gen.prompt_chars)
             if shown:
                 sep = "" if lang(text) == "zh" else " "
                 return Answer(sep.join(shown), "llm", cited(shown, passages, evidence),
@@ -131,16 +134,17 @@ class Answerer:
         return Answer(evidence.sentence, "kb", [evidence.doc_id], provenance=prov)
 
     async def _generate_checked(self, query: str, passages: list[Passage], evidence: Evidence,
-                                emit: Emit) -> tuple[list[str], _Generation]:
+                                emit: Emit, context: str = "") -> tuple[list[str], _Generation]:
         """Stream the model's answer, showing each sentence only once it has passed the fact check;
         stop the model at the first sentence that fails. Returns the sentences shown."""
         shown: list[str] = []
         sep = "" if lang(query) == "zh" else " "
         buffer = ""
         job_id = uuid.uuid4().hex
-        messages = build_messages(query, passages, evidence)
+        messages = build_messages(query, passages, evidence, context)
         gen = _Generation(sampling=json.dumps(SAMPLING, sort_keys=True), prompt_sha256=hashlib.sha256(
-            json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest())
+            json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest(),
+            prompt_chars=sum(len(m["content"]) for m in messages))
         try:
             async for piece in self._generate(job_id, messages, gen):
                 buffer += piece

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
-from kefu.dialogue.policy import handoff_summary
+from kefu.dialogue.policy import context_note, handoff_summary
 from kefu.dialogue.slots import extract, rewrite
 from kefu.dialogue.state import BotReply, ModeChanged, Started, State, VisitorMessage
 from kefu.dialogue.store import ConversationStore
@@ -54,6 +54,15 @@ def summary_for_agent(state: State, reason: str) -> str:
     last = next((t.provenance for t in reversed(state.turns) if t.role == "bot" and t.provenance), None)
     return handoff_summary(reason, questions, state.slots, last.evidence if last else "",
                            last.decision if last else "")
+
+
+def conversation_note(state: State, seq: int) -> str:
+    """The bounded note about the conversation that goes into the prompt."""
+    visitor = [t for t in state.turns if t.role == "visitor" and t.seq < seq]
+    if not visitor:
+        return context_note("", "", state.slots)
+    reply = state.reply_to(visitor[-1].seq)
+    return context_note(visitor[-1].text, reply.text if reply else "", state.slots)
 
 
 def previous_query(state: State, seq: int) -> str:
@@ -143,7 +152,8 @@ class DialogueService(Service):
             # The slots before this message, updated by it (the state already holds both).
             query = rewrite(text, state.slots, previous_query(state, seq))
             answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
-                                                kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state))
+                                                kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state),
+                                                context=conversation_note(state, seq))
             await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
@@ -155,16 +165,18 @@ class DialogueService(Service):
                               slots: dict[str, str]) -> tuple[State, int | None]:
         """Append the visitor message; (state, None) when ``cmid`` was already answered."""
         assert self.store is not None
-        for _ in range(APPEND_RETRIES):
-            state = await self.store.load(cid)
+        for attempt in range(APPEND_RETRIES):
+            # First from this replica's memory; a conflict means another writer moved on: verify.
+            state = await self.store.load(cid, verify=attempt > 0, local=attempt == 0)
             if cmid and cmid in state.client_msgs:
                 seq = state.client_msgs[cmid]
                 if state.reply_to(seq) is not None:
                     return state, None
                 return state, seq  # stored but never answered (a crash in between): answer it now
             try:
+                # The cache is written with the reply; a crash in between is caught by load(verify=True).
                 state, ev = await self.store.append(state, VisitorMessage(text, cmid, tuple(sorted(slots.items()))),
-                                                    msg_id=f"{cid}:{cmid}" if cmid else None)
+                                                    msg_id=f"{cid}:{cmid}" if cmid else None, cache=False)
                 return state, ev.seq
             except Conflict:
                 continue
@@ -177,10 +189,11 @@ class DialogueService(Service):
                 if answer.handoff and state.mode != "human":
                     reason = answer.provenance.decision.removeprefix("handoff:")
                     state, _ev = await self.store.append(state, ModeChanged("human", reason,
-                                                                            summary_for_agent(state, reason)))
+                                                                            summary_for_agent(state, reason)),
+                                                         cache=False)
                 await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations), seq,
                                                         answer.provenance))
                 return
             except Conflict:
-                state = await self.store.load(state.conversation_id)
+                state = await self.store.load(state.conversation_id, verify=True)
         raise Conflict("the conversation is too busy, try again", code="concurrent_update")

@@ -145,14 +145,33 @@ def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
     return best[1] if best else None
 
 
-def build_messages(query: str, passages: list[Passage], evidence: Evidence) -> list[dict[str, str]]:
-    """The grounded prompt: the evidence first, then the other passages, then the question."""
+MAX_CONTEXT_CHARS = 300
+
+
+def context_note(last_question: str, last_answer: str, slots: dict[str, str]) -> str:
+    """What the model needs of the conversation so far, bounded: the last exchange and what is known
+    (older turns live on in the slots, which the rewriting already used)."""
+    parts = []
+    if last_question:
+        parts.append(f"Previous question: {last_question[:100]}")
+    if last_answer:
+        parts.append(f"Previous answer: {last_answer[:100]}")
+    known = {k: v for k, v in slots.items() if k != "phone"}  # the model never needs the phone number
+    if known:
+        parts.append("Known: " + ", ".join(f"{k}={v}" for k, v in sorted(known.items())))
+    return " | ".join(parts)[:MAX_CONTEXT_CHARS]
+
+
+def build_messages(query: str, passages: list[Passage], evidence: Evidence, context: str = "") -> list[dict[str, str]]:
+    """The grounded prompt: the conversation note, the evidence first, then the other passages (each a
+    chunk of bounded size), then the question. Its size does not grow with the conversation."""
     others = [p.text for p in passages[:2] if evidence.sentence not in p.text]
     reference = " ".join([evidence.sentence, *others])
     system = ("You are a customer service assistant. Answer the question in one short sentence using only "
               "the reference. Keep the exact numbers and names from the reference. "
               + ("Answer in Chinese." if lang(query) == "zh" else "Answer in English."))
-    user = f"Reference: {reference}\n\nQuestion: {query}"
+    note = f"Conversation: {context}\n\n" if context else ""
+    user = f"{note}Reference: {reference}\n\nQuestion: {query}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 

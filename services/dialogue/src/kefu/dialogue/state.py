@@ -41,6 +41,7 @@ class Provenance:
     sampling: str = ""
     prompt_sha256: str = ""
     generated_used: bool = False
+    prompt_chars: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import replace
 
 import nats.errors
@@ -27,18 +28,25 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed Nats-Expected-L
 class ConversationStore:
     """Appends events with optimistic concurrency and loads state (cached, or folded from the log)."""
 
-    def __init__(self, bus: Bus, writer: str) -> None:
+    def __init__(self, bus: Bus, writer: str, local_states: int = 10_000) -> None:
         self.bus = bus
         self.writer = writer
         self.kv: KeyValue | None = None
+        # The states this replica wrote last, for its own next turn on them (see load(local=True)).
+        self._local: OrderedDict[str, State] = OrderedDict()
+        self._local_max = local_states
 
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, conv_stream())
         self.kv = await ensure_kv(self.bus.js, KeyValueConfig(bucket=KV_CONV_STATE, history=1,
                                                              storage=StorageType.FILE))
 
-    async def append(self, state: State, body: Body, *, msg_id: str | None = None) -> tuple[State, Event]:
+    async def append(self, state: State, body: Body, *, msg_id: str | None = None,
+                     cache: bool = True) -> tuple[State, Event]:
         """Append ``body`` as the next event of ``state``'s conversation and return the new state.
+
+        With ``cache`` false the cached state is left behind (a later append of the same turn writes
+        it): it costs a state encoding and a KV write per event otherwise.
 
         Raises:
             Conflict: another writer appended first (the caller reloads and retries).
@@ -59,8 +67,16 @@ class ConversationStore:
             # The same message id was stored before (a retried request): the log already has it.
             raise Conflict("duplicate append", code="concurrent_update")
         new = replace(reduce(state, ev), stream_seq=ack.seq)
-        await self._cache(new)
+        self._remember(new)
+        if cache:
+            await self._cache(new)
         return new, ev
+
+    def _remember(self, state: State) -> None:
+        self._local[state.conversation_id] = state
+        self._local.move_to_end(state.conversation_id)
+        while len(self._local) > self._local_max:
+            self._local.popitem(last=False)
 
     async def _cache(self, state: State) -> None:
         assert self.kv is not None
@@ -69,13 +85,21 @@ class ConversationStore:
         except (nats.errors.Error, APIError) as exc:  # the cache is an optimisation: the log is the truth
             log.warning("state cache write failed", error=str(exc))
 
-    async def load(self, conversation_id: str) -> State:
-        """The current state: the cached one when it is up to date with the log, else folded anew.
+    async def load(self, conversation_id: str, verify: bool = False, local: bool = False) -> State:
+        """The state: the cached one (one round trip), or, with ``verify`` or without a cache, the cached
+        one checked against the log and folded anew when it lags. With ``local``, the state this replica
+        wrote last, when it has one (no round trip).
+
+        Trusting a cache is safe for writers: an append from a stale state fails its expected-last-
+        subject-sequence check, and the writer reloads with ``verify``. Readers use the KV cache, which
+        every writer updates before it answers.
 
         Raises:
             NotFound: no such conversation.
         """
         assert self.kv is not None
+        if local and not verify and conversation_id in self._local:
+            return self._local[conversation_id]
         cached: State | None = None
         try:
             entry = await self.kv.get(conversation_id)
@@ -83,6 +107,8 @@ class ConversationStore:
                 cached = state_from_proto(decode(turn_pb2.ConversationState, entry.value))
         except KeyNotFoundError:
             pass
+        if cached is not None and not verify:
+            return cached
         subject, count, last_seq = await self._locate(conversation_id, cached.tenant if cached else None)
         if cached is not None and cached.stream_seq == last_seq:
             return cached
@@ -91,12 +117,13 @@ class ConversationStore:
         tenant = subject.split(".")[2]
         events, stream_seq = await self.read(subject, count)
         state = replace(fold(conversation_id, tenant, events), stream_seq=stream_seq)
+        self._remember(state)
         await self._cache(state)
         return state
 
     async def state_at(self, conversation_id: str, at_seq: int) -> State:
         """The state right after event ``at_seq`` (time travel), folded from the log."""
-        current = await self.load(conversation_id)
+        current = await self.load(conversation_id, verify=True)
         subject = conv_subject(current.tenant, conversation_id)
         events, _ = await self.read(subject, current.seq + 1)
         return fold(conversation_id, current.tenant, events, at_seq=at_seq)

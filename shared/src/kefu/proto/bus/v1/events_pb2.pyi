@@ -267,6 +267,7 @@ class Provenance(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     PROMPT_SHA256_FIELD_NUMBER: _builtins.int
     GENERATED_USED_FIELD_NUMBER: _builtins.int
+    PROMPT_CHARS_FIELD_NUMBER: _builtins.int
     decision: _builtins.str
     """answered, no_answer, handoff, human_mode, ..."""
     query: _builtins.str
@@ -278,6 +279,8 @@ class Provenance(_message.Message):
     sampling: _builtins.str
     prompt_sha256: _builtins.str
     generated_used: _builtins.bool
+    prompt_chars: _builtins.int
+    """Size of the prompt in characters: it stays bounded however long the conversation is."""
     @_builtins.property
     def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -305,10 +308,11 @@ class Provenance(_message.Message):
         sampling: _builtins.str = ...,
         prompt_sha256: _builtins.str = ...,
         generated_used: _builtins.bool = ...,
+        prompt_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ids", b"chunk_ids", "decision", b"decision", "evidence", b"evidence", "generated_used", b"generated_used", "keywords", b"keywords", "model", b"model", "prompt_sha256", b"prompt_sha256", "query", b"query", "required_facts", b"required_facts", "sampling", b"sampling", "scores", b"scores", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ids", b"chunk_ids", "decision", b"decision", "evidence", b"evidence", "generated_used", b"generated_used", "keywords", b"keywords", "model", b"model", "prompt_chars", b"prompt_chars", "prompt_sha256", b"prompt_sha256", "query", b"query", "required_facts", b"required_facts", "sampling", b"sampling", "scores", b"scores", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
