@@ -150,14 +150,15 @@ class Answerer:
                 buffer += piece
                 sentences, buffer = split_complete(buffer)
                 for s in sentences:
-                    if len(shown) >= MAX_SENTENCES or not sentence_ok(
+                    # A repeated sentence is the model looping: what was shown is the answer.
+                    if len(shown) >= MAX_SENTENCES or s in shown or not sentence_ok(
                             s, query=query, passages=passages, evidence=evidence, first=not shown):
                         await self._cancel(job_id)
                         return shown, gen
                     await emit((sep if shown else "") + s)
                     shown.append(s)
             rest = buffer.strip()
-            if rest and len(shown) < MAX_SENTENCES and sentence_ok(
+            if rest and len(shown) < MAX_SENTENCES and rest not in shown and sentence_ok(
                     rest, query=query, passages=passages, evidence=evidence, first=not shown):
                 await emit((sep if shown else "") + rest)
                 shown.append(rest)
