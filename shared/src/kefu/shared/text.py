@@ -44,16 +44,24 @@ def has_cjk(text: str) -> bool:
     return bool(_HAS_CJK.search(text))
 
 
-def tokenize(text: str, split_codes: bool = True) -> list[str]:
-    """Keyword tokens: lower-case Latin words and codes (also split at '-'), jieba search-mode words for
-    Chinese runs plus their single characters, so "上海交通大学" matches "上海" and "交通大学"."""
-    text = normalize(text)
+def _latin_tokens(text: str, split_codes: bool) -> list[str]:
+    """Words and codes of normalized ``text``; a code like "sm-g9910" also as "sm" and "g9910" when
+    ``split_codes``."""
     tokens: list[str] = []
     for m in _LATIN_TOKEN.finditer(text):
         tok = m.group()
         tokens.append(tok)
         if split_codes and ("-" in tok or "_" in tok):
             tokens.extend(p for p in re.split(r"[-_]", tok) if p)
+    return tokens
+
+
+def tokenize(text: str, split_codes: bool = True) -> list[str]:
+    """Keyword tokens: lower-case Latin words and codes (also split at '-' unless ``split_codes`` is
+    false), jieba search-mode words for Chinese runs plus their single characters, so "上海交通大学"
+    matches "上海" and "交通大学"."""
+    text = normalize(text)
+    tokens = _latin_tokens(text, split_codes)
     for run in _CJK_RUN.findall(text):
         words = [w for w in jieba.cut_for_search(run) if w.strip()]
         tokens.extend(words)
@@ -66,12 +74,7 @@ def query_tokens(text: str) -> list[str]:
     on its own only where no longer word of the query covers it (they are recall at index time; in a
     query they would match half the corpus)."""
     text = normalize(text)
-    tokens: list[str] = []
-    for m in _LATIN_TOKEN.finditer(text):
-        tok = m.group()
-        tokens.append(tok)
-        if "-" in tok or "_" in tok:
-            tokens.extend(p for p in re.split(r"[-_]", tok) if p)
+    tokens = _latin_tokens(text, split_codes=True)
     for run in _CJK_RUN.findall(text):
         words = [w for w in jieba.cut_for_search(run) if w.strip()]
         covered = {ch for w in words if len(w) > 1 for ch in w}

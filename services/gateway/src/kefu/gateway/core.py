@@ -60,7 +60,8 @@ class Core:
 
     async def upsert_document(self, tenant: str, doc_id: str, title: str, text: str,
                               metadata: dict[str, str]) -> int:
-        self.tenant(tenant), subject_token(doc_id)
+        self.tenant(tenant)
+        subject_token(doc_id)
         if not text.strip():
             raise BadRequest("text must not be empty", code="invalid_field")
         if len(title) > MAX_TITLE_CHARS:
@@ -74,7 +75,8 @@ class Core:
         return await self._store_kb(kb_subject(tenant, doc_id), data)
 
     async def delete_document(self, tenant: str, doc_id: str) -> int:
-        self.tenant(tenant), subject_token(doc_id)
+        self.tenant(tenant)
+        subject_token(doc_id)
         tombstone = retrieval_pb2.Document(tenant=tenant, doc_id=doc_id, deleted=True,
                                            updated_ms=int(time.time() * 1000))
         return await self._store_kb(kb_subject(tenant, doc_id), tombstone.SerializeToString())
