@@ -33,3 +33,9 @@ def test_unknown_code_is_internal_and_success_has_no_error():
     assert isinstance(errors.from_code("something_new"), errors.Internal)
     assert errors.from_headers(None) is None
     assert errors.from_headers({"Other": "1"}) is None
+
+
+def test_a_refined_code_the_receiver_does_not_know_keeps_its_status():
+    sent = errors.BadRequest("not a picture", code="invalid_image_v2")
+    back = errors.from_headers(sent.to_headers())
+    assert isinstance(back, errors.BadRequest) and back.code == "invalid_image_v2" and back.http_status == 400

@@ -13,6 +13,7 @@ NOW = dt.datetime(2026, 3, 15, 10, 0)
     ("My RV-300 shows E05", {"product": "RV-300"}),
     ("RV-300 出现 E05 怎么办", {"product": "RV-300"}),
     ("订单号 KF20260301123456 还没发货", {"order_id": "KF20260301123456"}),
+    ("OrderKF20260301123456notdelivered", {"order_id": "KF20260301123456"}),  # OCR without spaces
     ("call me on +86 13812345678", {"phone": "13812345678"}),
     ("我在2026年3月2日下的单", {"date": "2026-03-02"}),
     ("昨天买的 K5", {"product": "K5", "date": "2026-03-14"}),

@@ -14,6 +14,8 @@ import grpc
 
 #: Reply headers that carry an error over NATS.
 ERROR_CODE_HEADER = "Kefu-Error-Code"
+# The family of the code (the class's own code), so a refined code unknown to the receiver keeps its status.
+ERROR_KIND_HEADER = "Kefu-Error-Kind"
 ERROR_MESSAGE_HEADER = "Kefu-Error-Message"
 RETRY_AFTER_HEADER = "Kefu-Retry-After"
 
@@ -48,7 +50,7 @@ class KefuError(Exception):
 
     def to_headers(self) -> dict[str, str]:
         """NATS reply headers carrying this error."""
-        return {ERROR_CODE_HEADER: self.code, ERROR_MESSAGE_HEADER: self.message}
+        return {ERROR_CODE_HEADER: self.code, ERROR_KIND_HEADER: type(self).code, ERROR_MESSAGE_HEADER: self.message}
 
 
 class BadRequest(KefuError):
@@ -141,9 +143,9 @@ _REFINED: dict[str, type[KefuError]] = {
 }
 
 
-def from_code(code: str, message: str = "", **kwargs: Any) -> KefuError:
-    """Rebuild the error a service raised from its ``code`` (e.g. on the far side of the bus)."""
-    cls = _BY_BASE_CODE.get(code) or _REFINED.get(code) or Internal
+def from_code(code: str, message: str = "", *, kind: str = "", **kwargs: Any) -> KefuError:
+    """Rebuild the error a service raised from its ``code`` and ``kind`` (e.g. on the far side of the bus)."""
+    cls = _BY_BASE_CODE.get(kind) or _BY_BASE_CODE.get(code) or _REFINED.get(code) or Internal
     if cls is RateLimited:
         return RateLimited(message, code=code, retry_after=float(kwargs.get("retry_after", 1.0)))
     return cls(message, code=code)
@@ -156,5 +158,6 @@ def from_headers(headers: dict[str, str] | None) -> KefuError | None:
     return from_code(
         headers[ERROR_CODE_HEADER],
         headers.get(ERROR_MESSAGE_HEADER, ""),
+        kind=headers.get(ERROR_KIND_HEADER, ""),
         retry_after=headers.get(RETRY_AFTER_HEADER, "1"),
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 
 STREAM_CONV = "CONV"
 STREAM_KB = "KB"
 STREAM_LLM = "LLM"
 KV_CONV_STATE = "conv_state"
+OBJ_MEDIA = "media"
+MAX_MEDIA_BYTES = 10 * 1024 * 1024
 
 KB_SUBJECTS = "kefu.kb.>"
 LLM_GENERATE = "kefu.llm.generate"
@@ -46,3 +48,8 @@ def llm_stream() -> StreamConfig:
     """Work-queue stream LLM: each generation job goes to one inference replica, removed once acked."""
     return StreamConfig(name=STREAM_LLM, subjects=[LLM_GENERATE], retention=RetentionPolicy.WORK_QUEUE,
                         storage=StorageType.FILE, max_age=600.0, max_msg_size=1024 * 1024)
+
+
+def media_store() -> ObjectStoreConfig:
+    """Object store "media": images visitors send (OCR reads them from here)."""
+    return ObjectStoreConfig(bucket=OBJ_MEDIA, storage=StorageType.FILE, description="visitor media")

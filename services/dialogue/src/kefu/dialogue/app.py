@@ -15,9 +15,9 @@ from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.policy import context_note, handoff_summary
 from kefu.dialogue.slots import extract, rewrite
-from kefu.dialogue.state import BotReply, ModeChanged, Started, State, VisitorMessage
+from kefu.dialogue.state import BotReply, ModeChanged, OcrResult, Started, State, VisitorMessage
 from kefu.dialogue.store import ConversationStore
-from kefu.proto.bus.v1 import turn_pb2
+from kefu.proto.bus.v1 import llm_pb2, turn_pb2
 from kefu.shared import text as textutil
 from kefu.shared.bus import Bus, subject_token
 from kefu.shared.config import KefuSettings
@@ -34,6 +34,7 @@ class DialogueSettings(KefuSettings):
     llm_max_tokens: int = Field(default=96, ge=8, le=1024)
     llm_first_chunk_timeout: float = Field(default=20.0, gt=0)
     llm_enabled: bool = True
+    ocr_timeout: float = Field(default=60.0, gt=0)
 
 
 def failures(state: State) -> int:
@@ -100,6 +101,7 @@ class DialogueService(Service):
         await bus.serve("kefu.dialogue.start", turn_pb2.StartConversationRequest, self._start, queue="dialogue")
         await bus.serve("kefu.dialogue.turn", turn_pb2.TurnRequest, self._turn, queue="dialogue")
         await bus.serve("kefu.dialogue.get", turn_pb2.GetStateRequest, self._get, queue="dialogue")
+        await bus.serve("kefu.dialogue.image", turn_pb2.ImageRequest, self._image, queue="dialogue")
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         lock = self._locks.get(conversation_id)
@@ -125,6 +127,31 @@ class DialogueService(Service):
                                  code="invalid_field")
             return state_to_proto(state)
         return state_to_proto(await self.store.load(cid))
+
+    async def _image(self, req: turn_pb2.ImageRequest, _: Msg) -> turn_pb2.ImageReply:
+        """OCR an image the visitor sent and add its text to the conversation (slots included: an order
+        number in a screenshot is remembered like a typed one)."""
+        assert self.store is not None and self.bus is not None
+        cid = subject_token(req.conversation_id)
+        await self.store.load(cid)  # an unknown conversation fails before the (slow) OCR
+        ocr = await self.bus.request("kefu.inference.ocr", llm_pb2.OcrRequest(media_id=req.media_id),
+                                     llm_pb2.OcrReply, timeout=self.settings.ocr_timeout)
+        text = ocr.text.strip()
+        slots = extract(text, datetime.datetime.now(datetime.UTC)) if text else {}
+        async with self._lock(cid):
+            for attempt in range(APPEND_RETRIES):
+                state = await self.store.load(cid, verify=attempt > 0, local=attempt == 0)
+                try:
+                    state, ev = await self.store.append(state, OcrResult(text, req.media_id,
+                                                                         tuple(sorted(slots.items()))),
+                                                        msg_id=f"{cid}:media:{req.media_id}")
+                    break
+                except Conflict:
+                    continue
+            else:
+                raise Conflict("the conversation is too busy, try again", code="concurrent_update")
+        self.log.info("image read", conversation_id=cid, seq=ev.seq, chars=len(text))
+        return turn_pb2.ImageReply(seq=ev.seq, text=text)
 
     async def _turn(self, req: turn_pb2.TurnRequest, _: Msg) -> turn_pb2.TurnReply:
         assert self.store is not None and self.answerer is not None

@@ -47,6 +47,7 @@ def event_to_proto(ev: Event) -> events_pb2.Event:
             pb.slot_set.name, pb.slot_set.value = b.name, b.value
         case OcrResult():
             pb.ocr_result.text, pb.ocr_result.media_id = b.text, b.media_id
+            pb.ocr_result.slots.update(dict(b.slots))
         case TagAdded():
             pb.tag_added.tag = b.tag
         case TagRemoved():
@@ -74,7 +75,7 @@ def event_from_proto(pb: events_pb2.Event) -> Event:
     elif kind == "slot_set":
         body = SlotSet(pb.slot_set.name, pb.slot_set.value)
     elif kind == "ocr_result":
-        body = OcrResult(pb.ocr_result.text, pb.ocr_result.media_id)
+        body = OcrResult(pb.ocr_result.text, pb.ocr_result.media_id, tuple(sorted(pb.ocr_result.slots.items())))
     elif kind == "tag_added":
         body = TagAdded(pb.tag_added.tag)
     elif kind == "tag_removed":

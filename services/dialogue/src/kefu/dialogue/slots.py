@@ -20,7 +20,8 @@ _SUFFIX = r"(?:\s?(?:Pro\+?|Max|Plus|Ultra|Mini|Lite|SE|Air))?"
 _PRODUCT = re.compile(
     r"(?<![A-Za-z0-9])(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z]+[A-Za-z0-9]*(?:-[A-Za-z0-9]+)*" + _SUFFIX
     + r"(?![A-Za-z0-9])", re.I)
-_ORDER = re.compile(r"(?<![A-Za-z0-9])(?:[A-Za-z]{2}\d{10,18}|\d{12,20})(?![A-Za-z0-9])")
+# Letters may touch the order number on the left: OCR often drops spaces ("OrderKF2026...").
+_ORDER = re.compile(r"(?<![0-9])(?:[A-Za-z]{2}\d{10,18}|(?<![A-Za-z])\d{12,20})(?![0-9])")
 _PHONE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?(1[3-9]\d{9})(?!\d)")
 _ISO_DATE = re.compile(r"(?<!\d)(20\d{2})[-/.年](\d{1,2})[-/.月](\d{1,2})日?(?!\d)")
 _MD_DATE = re.compile(r"(?<!\d)(\d{1,2})月(\d{1,2})[日号]")
@@ -67,7 +68,7 @@ def extract(text: str, now: dt.datetime) -> dict[str, str]:
         slots["phone"] = phones[-1]
     taken = set(orders) | set(phones)
     products = [m.group().strip() for m in _PRODUCT.finditer(text)
-                if not any(m.group() in t for t in taken) and not _CODE_CUE.search(text[:m.start()])]
+                if not any(m.group() in t or t in m.group() for t in taken) and not _CODE_CUE.search(text[:m.start()])]
     if products:
         slots["product"] = products[-1]
     date = None

@@ -76,6 +76,7 @@ class SlotSet:
 class OcrResult:
     text: str
     media_id: str = ""
+    slots: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,8 +221,9 @@ def of_event(conversation_id: str, tenant: str, event: Event) -> State:
             return replace(base, mode=mode, mode_stamp=stamp, handoff_summary=summary)
         case SlotSet(name=name, value=value):
             return replace(base, slots={name: value}, slot_stamps={name: stamp})
-        case OcrResult(text=text):
-            return replace(base, turns=(Turn(event.seq, "visitor", text, "ocr", stamp=stamp),))
+        case OcrResult(text=text, slots=slots):
+            return replace(base, turns=(Turn(event.seq, "visitor", text, "ocr", stamp=stamp),), slots=dict(slots),
+                           slot_stamps={k: stamp for k, _ in slots})
         case TagAdded(tag=tag):
             return replace(base, tag_adds={tag: frozenset({event.id})})
         case TagRemoved(add_ids=add_ids):

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from kefu.proto.bus.v1 import common_pb2, retrieval_pb2, turn_pb2
-from kefu.shared.bus import Bus, decode, ensure_stream, subject_token
+from kefu.shared.bus import Bus, decode, ensure_object_store, ensure_stream, subject_token
 from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, NotFound, PayloadTooLarge, Unavailable
 from kefu.shared.service import health_subject
-from kefu.shared.streams import MAX_DOCUMENT_BYTES, kb_stream, kb_subject, out_subject
+from kefu.shared.streams import MAX_DOCUMENT_BYTES, MAX_MEDIA_BYTES, kb_stream, kb_subject, media_store, out_subject
 
 MAX_MESSAGE_CHARS = 4000
 MAX_TITLE_CHARS = 512
@@ -48,6 +48,7 @@ class Core:
 
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, kb_stream())
+        self.media = await ensure_object_store(self.bus.js, media_store())
 
     def tenant(self, tenant: str) -> str:
         """``tenant`` validated: a well-formed identifier, and one this deployment serves."""
@@ -163,6 +164,21 @@ class Core:
                 request.cancel()  # the turn still completes and is recorded by dialogue
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def add_image(self, conversation_id: str, image: bytes) -> turn_pb2.ImageReply:
+        """Store a PNG or JPEG the visitor sent and add its text (OCR) to the conversation."""
+        subject_token(conversation_id)
+        if not image.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+            raise BadRequest("the file must be a PNG or JPEG image", code="invalid_image")
+        if len(image) > MAX_MEDIA_BYTES:
+            raise PayloadTooLarge(f"images are limited to {MAX_MEDIA_BYTES} bytes")
+        media_id = f"{conversation_id}/{uuid.uuid4().hex}"
+        try:
+            await self.media.put(media_id, image)
+        except Exception as exc:
+            raise Unavailable(f"the media store did not take the image: {exc}") from None
+        return await self.bus.request("kefu.dialogue.image", turn_pb2.ImageRequest(
+            conversation_id=conversation_id, media_id=media_id), turn_pb2.ImageReply, timeout=self.turn_timeout)
 
     async def reply(self, conversation_id: str, text: str, client_msg_id: str = "") -> turn_pb2.TurnReply:
         final = None

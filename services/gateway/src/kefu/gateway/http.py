@@ -17,12 +17,13 @@ from kefu.gateway.ratelimit import RateLimiter
 from kefu.proto.bus.v1 import turn_pb2
 from kefu.shared.errors import BadRequest, Internal, KefuError, PayloadTooLarge, RateLimited, Unauthenticated
 from kefu.shared.logging import get_logger
-from kefu.shared.streams import out_subject
+from kefu.shared.streams import MAX_MEDIA_BYTES, out_subject
 
 log = get_logger("kefu.gateway.http")
 
 JSON_LIMIT = 64 * 1024
 DOCUMENT_LIMIT = 5 * 1024 * 1024
+IMAGE_LIMIT = MAX_MEDIA_BYTES
 # Bodies up to this size are read to the end before a 413, so the client gets the answer instead of a reset.
 DRAIN_LIMIT = 64 * 1024 * 1024
 MAX_K = 50
@@ -84,6 +85,33 @@ async def read_json(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, 
     return parse_json_object(text)
 
 
+async def read_file_part(request: web.Request, name: str, limit: int) -> bytes:
+    """The bytes of multipart field ``name``, at most ``limit`` of them."""
+    if not request.content_type.startswith("multipart/"):
+        raise BadRequest(f"send the file as multipart/form-data field {name!r}", code="invalid_field")
+    if request.content_length is not None and request.content_length > DRAIN_LIMIT:
+        raise PayloadTooLarge(f"the file is larger than {limit} bytes")
+    found: bytes | None = None
+    too_large = False
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            data = bytearray()
+            while chunk := await part.read_chunk(65536):  # type: ignore[union-attr]
+                if len(data) <= limit:
+                    data += chunk
+            if getattr(part, "name", None) == name and found is None:
+                too_large = len(data) > limit
+                found = bytes(data)
+    except (ValueError, AssertionError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc}", code="invalid_field") from None
+    if found is None:
+        raise BadRequest(f"missing multipart field {name!r}", code="missing_field")
+    if too_large:
+        raise PayloadTooLarge(f"the file is larger than {limit} bytes")
+    return found
+
+
 def parse_json_object(text: str) -> dict[str, Any]:
     """A JSON object from ``text``; escapes of lone surrogates ("\\ud800") count as invalid UTF-8."""
     try:
@@ -142,7 +170,7 @@ class HttpApi:
         self.start_limiter = start_limiter
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors_middleware], client_max_size=DOCUMENT_LIMIT)
+        app = web.Application(middlewares=[errors_middleware], client_max_size=IMAGE_LIMIT + 64 * 1024)
         app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -153,6 +181,7 @@ class HttpApi:
             web.post("/v1/conversations/{cid}/messages", self.post_message),
             web.get("/v1/conversations/{cid}", self.get_conversation),
             web.get("/v1/conversations/{cid}/state", self.get_state_at),
+            web.post("/v1/conversations/{cid}/images", self.post_image),
             web.get("/v1/ws", self.visitor_ws),
         ])
         return app
@@ -251,6 +280,14 @@ class HttpApi:
             await stream.aclose()
         await resp.write_eof()
         return resp
+
+    async def post_image(self, request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        self.auth.require_conversation(self._token(request), cid, admin_ok=False)
+        self.message_limiter.check(cid)
+        image = await read_file_part(request, "file", IMAGE_LIMIT)
+        reply = await self.core.add_image(cid, image)
+        return json_response({"seq": reply.seq, "text": reply.text})
 
     async def get_conversation(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]

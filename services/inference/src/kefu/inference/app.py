@@ -10,16 +10,19 @@ from contextlib import AsyncExitStack, suppress
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
 from pydantic import Field
 
 from kefu.inference.backend import GenerationParams, LlamaCppBackend
+from kefu.inference.ocr import OcrEngine
 from kefu.proto.bus.v1 import llm_pb2
-from kefu.shared.bus import Bus, decode, ensure_stream
+from kefu.shared.bus import Bus, decode, ensure_object_store, ensure_stream
 from kefu.shared.config import KefuSettings
-from kefu.shared.errors import KefuError
+from kefu.shared.errors import BadRequest, KefuError, NotFound
 from kefu.shared.models import DEFAULT_LLM, resolve
 from kefu.shared.service import Service
-from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_stream
+from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_stream, media_store
 
 CONSUMER = "inference"
 
@@ -31,6 +34,8 @@ class InferenceSettings(KefuSettings):
     # Jobs this replica runs at once; llama.cpp holds one sequence per context.
     llm_slots: int = Field(default=1, ge=1)
     llm_ack_wait: float = Field(default=120.0, gt=0)
+    # Serve kefu.inference.ocr (RapidOCR, loaded at start-up).
+    ocr_enabled: bool = True
 
 
 class InferenceService(Service):
@@ -44,8 +49,14 @@ class InferenceService(Service):
         self.cancelled: set[str] = set()
         self.jobs_done = 0
         self._stopping = False
+        self.ocr: OcrEngine | None = None
+        self.media: ObjectStore | None = None
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
+        if self.settings.ocr_enabled:
+            self.ocr = await asyncio.to_thread(OcrEngine)
+            self.media = await ensure_object_store(bus.js, media_store())
+            await bus.serve("kefu.inference.ocr", llm_pb2.OcrRequest, self._ocr, queue="ocr", max_inflight=8)
         path = resolve(DEFAULT_LLM, self.settings.data_dir, self.settings.llm_model)
         self.backend = await asyncio.to_thread(LlamaCppBackend, path, n_ctx=self.settings.llm_ctx,
                                                threads=self.settings.llm_threads)
@@ -72,6 +83,18 @@ class InferenceService(Service):
 
     def health_details(self) -> dict[str, str]:
         return {"model": self.backend.path.name if self.backend else "", "jobs_done": str(self.jobs_done)}
+
+    async def _ocr(self, req: llm_pb2.OcrRequest, _: Msg) -> llm_pb2.OcrReply:
+        assert self.ocr is not None and self.media is not None
+        try:
+            obj = await self.media.get(req.media_id)
+        except (ObjectNotFoundError, NotFoundError):
+            raise NotFound(f"no media {req.media_id!r}") from None
+        try:
+            text, confidence = await asyncio.to_thread(self.ocr.recognize, obj.data or b"")
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_image") from None
+        return llm_pb2.OcrReply(text=text, confidence=confidence)
 
     async def _on_cancel(self, msg: Msg) -> None:
         job_id = msg.data.decode(errors="replace")

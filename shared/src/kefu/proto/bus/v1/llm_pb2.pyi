@@ -138,3 +138,48 @@ class GenerateChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateChunk: _TypeAlias = GenerateChunk  # noqa: Y015
+
+@_typing.final
+class OcrRequest(_message.Message):
+    """kefu.inference.ocr (queue group "ocr"): the text in an image of object store "media"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIA_ID_FIELD_NUMBER: _builtins.int
+    media_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        media_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["media_id", b"media_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OcrRequest: _TypeAlias = OcrRequest  # noqa: Y015
+
+@_typing.final
+class OcrReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Lines in reading order, joined with newlines."""
+    confidence: _builtins.float
+    """Mean recognition confidence of the lines, 0 when there is no text."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OcrReply: _TypeAlias = OcrReply  # noqa: Y015

@@ -457,6 +457,54 @@ class TagAdds(_message.Message):
 Global___TagAdds: _TypeAlias = TagAdds  # noqa: Y015
 
 @_typing.final
+class ImageRequest(_message.Message):
+    """kefu.dialogue.image (queue group "dialogue"): an image the visitor sent, stored in object store
+    "media" under media_id; its text (OCR) joins the conversation as an event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MEDIA_ID_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    media_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        media_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "media_id", b"media_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageRequest: _TypeAlias = ImageRequest  # noqa: Y015
+
+@_typing.final
+class ImageReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageReply: _TypeAlias = ImageReply  # noqa: Y015
+
+@_typing.final
 class OutEvent(_message.Message):
     """Published on kefu.out.<conversation_id> while a reply is produced, and for agent messages."""
 
