@@ -48,6 +48,17 @@ def test_an_faq_answers_with_its_answer_not_its_question():
     assert best_evidence("can I pay using alipay", [faq]).sentence == "Yes, we accept Alipay and WeChat Pay."
 
 
+def test_a_looping_model_is_not_an_answer():
+    ev = best_evidence("深圳门店几点关门", [Passage("s", "门店", "深圳华强北店每天 10:00 营业，21:00 关门。")])
+    ok = dict(query="深圳门店几点关门", passages=[Passage("s", "门店", "深圳华强北店每天 10:00 营业，21:00 关门。")],
+              evidence=ev, first=False)
+    assert not sentence_ok("深圳华强北店的福制福制福制福制福制。", **ok)
+    assert sentence_ok("深圳华强北店 21:00 关门。", **ok)
+    big = Passage("tv", "电视", "这款电视售价 10000 元。")
+    assert sentence_ok("这款电视售价 10000 元。", query="电视多少钱", passages=[big],
+                       evidence=best_evidence("电视多少钱", [big]), first=True)  # zeros are not a loop
+
+
 def test_the_question_said_back_is_not_an_answer():
     ev = best_evidence("Can I pay with Alipay?", [Passage("pay", "Payment", "Yes, we accept Alipay and WeChat Pay.")])
     assert not sentence_ok("Can I pay with Alipay?", query="Can I pay with Alipay?",

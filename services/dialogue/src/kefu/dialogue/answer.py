@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import nats.errors
 
+from kefu.dialogue.gloss import Gloss
 from kefu.dialogue.policy import (
     HANDOFF_FAILED_TEXT,
     HANDOFF_TEXT,
@@ -75,9 +76,10 @@ class AnswerSettings:
 
 
 class Answerer:
-    def __init__(self, bus: Bus, settings: AnswerSettings) -> None:
+    def __init__(self, bus: Bus, settings: AnswerSettings, gloss: Gloss | None = None) -> None:
         self.bus = bus
         self.settings = settings
+        self.gloss = gloss
 
     async def answer(self, *, tenant: str, mode: str, text: str, query: str, kb_min_seq: int, emit: Emit,
                      failures: int = 0, context: str = "") -> Answer:
@@ -105,7 +107,10 @@ class Answerer:
 
     async def _from_kb(self, tenant: str, text: str, query: str, kb_min_seq: int, emit: Emit,
                        context: str = "") -> Answer:
-        keywords = expansions(query)
+        # Synonyms of the concepts asked about, and the words in the other language: they count less
+        # than the question's own words in the keyword lane.
+        glossed = self.gloss(query) if self.gloss else []
+        keywords = list(dict.fromkeys(expansions(query) + glossed))
         found = await self.bus.request(
             "kefu.retrieval.search",
             retrieval_pb2.SearchRequest(tenant=tenant, query=query, k=self.settings.search_k, min_kb_seq=kb_min_seq,

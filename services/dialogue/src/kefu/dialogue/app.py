@@ -13,6 +13,7 @@ from pydantic import Field
 
 from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
+from kefu.dialogue.gloss import Gloss
 from kefu.dialogue.policy import context_note, handoff_summary
 from kefu.dialogue.slots import extract, rewrite
 from kefu.dialogue.state import BotReply, ModeChanged, OcrResult, Started, State, VisitorMessage
@@ -35,6 +36,8 @@ class DialogueSettings(KefuSettings):
     llm_first_chunk_timeout: float = Field(default=20.0, gt=0)
     llm_enabled: bool = True
     ocr_timeout: float = Field(default=60.0, gt=0)
+    # Gloss questions into the other language (CC-CEDICT) for the keyword lane.
+    gloss_enabled: bool = True
 
 
 def failures(state: State) -> int:
@@ -92,12 +95,13 @@ class DialogueService(Service):
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         await asyncio.to_thread(textutil.warm_up)
+        gloss = await asyncio.to_thread(Gloss.load) if self.settings.gloss_enabled else None
         self.store = ConversationStore(bus, f"dialogue/{self.settings.instance}")
         await self.store.setup()
         s = self.settings
         self.answerer = Answerer(bus, AnswerSettings(search_k=s.search_k, max_tokens=s.llm_max_tokens,
                                                      first_chunk_timeout=s.llm_first_chunk_timeout,
-                                                     llm_enabled=s.llm_enabled))
+                                                     llm_enabled=s.llm_enabled), gloss)
         await bus.serve("kefu.dialogue.start", turn_pb2.StartConversationRequest, self._start, queue="dialogue")
         await bus.serve("kefu.dialogue.turn", turn_pb2.TurnRequest, self._turn, queue="dialogue")
         await bus.serve("kefu.dialogue.get", turn_pb2.GetStateRequest, self._get, queue="dialogue")

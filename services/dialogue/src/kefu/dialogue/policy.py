@@ -101,19 +101,22 @@ def _question_tokens(query: str) -> set[str]:
     return content_tokens(query) | set(query_tokens(" ".join(extra)))
 
 
-def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
+def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = ()) -> Evidence | None:
     """The passage sentence that answers ``query`` best (None when none says anything it asks about).
 
     A sentence is scored by the question's words it shares (expanded with the concepts' other words,
     so "多少钱" meets "Price:"), the concepts it covers (price, warranty, battery, ...), whether its
     document is about the product the question names ("X100" is not the "X100 Pro"), and retrieval's
-    rank. The facts an answer must keep come from the sentence's best clause, where words that merely
+    rank; ``extra`` words (the question glossed into the other language) count half. The facts an
+    answer must keep come from the sentence's best clause, where words that merely
     name the document weigh less: for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月"
     that is "保修 18 个月", so 18 is required and 1.7 and 199 are not.
     """
     q = _question_tokens(query)
     if not q:
         return None
+    # Words of the other language (a gloss) help a little, never as much as the question's own.
+    glossed = frozenset(query_tokens(" ".join(extra))) - q if extra else frozenset()
     asked = concepts(query)
     named = products(query)
     best: tuple[tuple[float, float, int], Evidence] | None = None
@@ -127,7 +130,7 @@ def best_evidence(query: str, passages: list[Passage]) -> Evidence | None:
         for sentence in split_sentences(p.text):
             if sentence.rstrip().endswith(("?", "？")):
                 continue  # a question (an FAQ's own, say) is not an answer
-            own = _weighted_overlap(q, sentence, title_tokens)
+            own = _weighted_overlap(q, sentence, title_tokens) + 0.5 * len(glossed & content_tokens(sentence))
             covered = len(asked & concepts(sentence))
             if own <= _TITLE_WEIGHT and not covered:
                 continue  # the sentence itself says nothing the question asks about
@@ -179,7 +182,7 @@ def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence:
     """Whether a generated sentence may be shown: it invents no number or code, says little that is not
     in the passages, is in the question's language, and (the first sentence) carries the facts that
     answer the question."""
-    if not sentence.strip() or _ECHO.search(sentence):
+    if not sentence.strip() or _ECHO.search(sentence) or _LOOP.search(sentence.replace(" ", "")):
         return False
     if content_tokens(sentence) <= content_tokens(query):
         return False  # the question said back, not an answer
@@ -201,6 +204,8 @@ def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence:
     return bool(content_tokens(sentence) & (content_tokens(query) | content_tokens(evidence.sentence)))
 
 
+# A tiny model stuck in a loop: the same 1-4 characters four times in a row ("福制福制福制福制").
+_LOOP = re.compile(r"([^\d\s]{1,4}?)\1{3,}")
 # The model repeating the prompt's scaffolding instead of answering.
 _ECHO = re.compile(r"^\s*[-*•]|\b(reference|question)\s*:|参考|问题：", re.I)
 

@@ -142,7 +142,8 @@ class TenantIndex:
             rankings["dense"] = [cid for cid, _ in found]
             dense_scores = dict(found)
         if "lexical" in lanes:
-            found = self.lexical.search(query_tokens(" ".join((query, *keywords))), candidates)
+            extra = tuple(query_tokens(" ".join(keywords))) if keywords else ()
+            found = self.lexical.search(query_tokens(query), candidates, extra=extra)
             rankings["lexical"] = [cid for cid, _ in found]
             lexical_scores = dict(found)
         wanted = identifiers(query)

@@ -69,14 +69,16 @@ class BM25:
             self._arrays[tok] = arrays
         return arrays
 
-    def search(self, tokens: list[str], limit: int, max_df: float = 0.3) -> list[tuple[int, float]]:
+    def search(self, tokens: list[str], limit: int, max_df: float = 0.3,
+               extra: tuple[str, ...] = (), extra_weight: float = 0.3) -> list[tuple[int, float]]:
         """Top ``limit`` chunks for the query ``tokens``.
 
         Terms are scored rarest first. Once ``limit`` candidates score more than the most the remaining
         (common) terms could add together, no chunk outside the candidates can reach the top, so those
         terms only re-score the candidates (MaxScore pruning): "warranty" with 20k postings costs a
         lookup per candidate instead of a pass over all of them. Tokens in more than ``max_df`` of all
-        chunks (and at least 1,000) are skipped.
+        chunks (and at least 1,000) are skipped. ``extra`` tokens (synonyms, translations) count
+        ``extra_weight`` as much as the query's own: they widen the net without outvoting the question.
         """
         n = len(self.lengths)
         if not n:
@@ -84,11 +86,13 @@ class BM25:
         avg = self.total_len / n
         too_common = max(1000, int(max_df * n))
         terms = []
-        for tok in set(tokens):
+        own = set(tokens)
+        weighted = [(tok, 1.0) for tok in own] + [(tok, extra_weight) for tok in set(extra) - own]
+        for tok, weight in weighted:
             posting = self.postings.get(tok)
             if not posting or len(posting) > too_common:
                 continue
-            idf = math.log(1 + (n - len(posting) + 0.5) / (len(posting) + 0.5))
+            idf = weight * math.log(1 + (n - len(posting) + 0.5) / (len(posting) + 0.5))
             terms.append((idf, *self._posting_arrays(tok, posting)))
         if not terms:
             return []
