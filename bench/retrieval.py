@@ -78,11 +78,15 @@ def quality(embedder) -> dict:
         chunks = chunk_document(d["doc_id"], d["title"], d["text"], seq)
         index.upsert(d["doc_id"], chunks, embedder.encode_sync([c.embed_text for c in chunks]))
     vectors = embedder.encode_sync([q["question"] for q in questions])
+    from kefu.dialogue.gloss import Gloss
     from kefu.retrieval.index import ALL_LANES, lane_weights
+    from kefu.shared.lexicon import expansions
 
     # The service's settings for the bundled English-only embedder.
     languages = frozenset({"en"})
-    lanes = {"dense_only": ("dense",), "bm25_only": ("lexical",), "hybrid": ALL_LANES}
+    lanes = {"dense_only": ("dense",), "bm25_only": ("lexical",), "hybrid": ALL_LANES,
+             "hybrid_as_dialogue_searches": ALL_LANES}
+    gloss = Gloss.load()
     report: dict = {"documents": len(docs), "questions": len(questions)}
     for name, chosen in lanes.items():
         hits1 = hits5 = 0
@@ -90,7 +94,9 @@ def quality(embedder) -> dict:
         for q, vec in zip(questions, vectors, strict=True):
             ranked: list[str] = []
             weights = lane_weights(q["question"], languages) if chosen == ALL_LANES else None
-            for h in index.search(q["question"], vec, 30, lanes=chosen, weights=weights):
+            # Dialogue adds the concepts' synonyms and a Chinese-English gloss as weaker keywords.
+            keywords = tuple(expansions(q["question"]) + gloss(q["question"])) if name.endswith("searches") else ()
+            for h in index.search(q["question"], vec, 30, lanes=chosen, weights=weights, keywords=keywords):
                 if h.chunk.doc_id not in ranked:
                     ranked.append(h.chunk.doc_id)
             good = set(q["doc_ids"])
