@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from nats.js.api import DiscardPolicy, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 
 STREAM_CONV = "CONV"
 STREAM_KB = "KB"
 STREAM_LLM = "LLM"
 KV_CONV_STATE = "conv_state"
 OBJ_MEDIA = "media"
+KV_HANDOFFS = "handoffs"
 MAX_MEDIA_BYTES = 10 * 1024 * 1024
 
 KB_SUBJECTS = "kefu.kb.>"
@@ -48,6 +49,16 @@ def llm_stream() -> StreamConfig:
     """Work-queue stream LLM: each generation job goes to one inference replica, removed once acked."""
     return StreamConfig(name=STREAM_LLM, subjects=[LLM_GENERATE], retention=RetentionPolicy.WORK_QUEUE,
                         storage=StorageType.FILE, max_age=600.0, max_msg_size=1024 * 1024)
+
+
+def handoff_subject(tenant: str) -> str:
+    """Where a conversation that starts waiting for an agent is announced."""
+    return f"kefu.handoff.{tenant}"
+
+
+def handoffs_kv() -> KeyValueConfig:
+    """KV bucket "handoffs": conversation id -> HandoffNotice, for every conversation in human mode."""
+    return KeyValueConfig(bucket=KV_HANDOFFS, history=1, storage=StorageType.FILE)
 
 
 def media_store() -> ObjectStoreConfig:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 import uuid
 import weakref
 from contextlib import AsyncExitStack
 
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 from pydantic import Field
 
 from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
@@ -16,15 +18,15 @@ from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.gloss import Gloss
 from kefu.dialogue.policy import context_note, handoff_summary
 from kefu.dialogue.slots import extract, rewrite
-from kefu.dialogue.state import BotReply, ModeChanged, OcrResult, Started, State, VisitorMessage
+from kefu.dialogue.state import AgentMessage, BotReply, ModeChanged, OcrResult, Started, State, TagAdded, VisitorMessage
 from kefu.dialogue.store import ConversationStore
 from kefu.proto.bus.v1 import llm_pb2, turn_pb2
 from kefu.shared import text as textutil
-from kefu.shared.bus import Bus, subject_token
+from kefu.shared.bus import Bus, ensure_kv, subject_token
 from kefu.shared.config import KefuSettings
 from kefu.shared.errors import BadRequest, Conflict
 from kefu.shared.service import Service
-from kefu.shared.streams import out_subject
+from kefu.shared.streams import handoff_subject, handoffs_kv, out_subject
 
 MAX_TEXT_CHARS = 4000
 APPEND_RETRIES = 5
@@ -92,6 +94,7 @@ class DialogueService(Service):
         # One turn at a time per conversation in this replica; other replicas are kept out by the
         # expected-last-subject-sequence check on every append.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.handoffs: KeyValue | None = None
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         await asyncio.to_thread(textutil.warm_up)
@@ -106,6 +109,8 @@ class DialogueService(Service):
         await bus.serve("kefu.dialogue.turn", turn_pb2.TurnRequest, self._turn, queue="dialogue")
         await bus.serve("kefu.dialogue.get", turn_pb2.GetStateRequest, self._get, queue="dialogue")
         await bus.serve("kefu.dialogue.image", turn_pb2.ImageRequest, self._image, queue="dialogue")
+        await bus.serve("kefu.dialogue.agent", turn_pb2.AgentRequest, self._agent, queue="dialogue")
+        self.handoffs = await ensure_kv(bus.js, handoffs_kv())
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         lock = self._locks.get(conversation_id)
@@ -131,6 +136,53 @@ class DialogueService(Service):
                                  code="invalid_field")
             return state_to_proto(state)
         return state_to_proto(await self.store.load(cid))
+
+    async def _agent(self, req: turn_pb2.AgentRequest, _: Msg) -> turn_pb2.AgentReply:
+        """An agent accepts a waiting conversation, replies in it, or hands it back to the bot."""
+        assert self.store is not None and self.bus is not None and self.handoffs is not None
+        cid = subject_token(req.conversation_id)
+        agent = req.agent_id[:64] or "agent"
+        if req.action not in ("accept", "reply", "release"):
+            raise BadRequest("action must be accept, reply or release", code="invalid_field")
+        text = req.text.strip()
+        if req.action == "reply" and not text:
+            raise BadRequest("text must not be empty", code="missing_field")
+        if len(text) > MAX_TEXT_CHARS:
+            raise BadRequest(f"text is longer than {MAX_TEXT_CHARS} characters", code="invalid_field")
+        async with self._lock(cid):
+            for attempt in range(APPEND_RETRIES):
+                state = await self.store.load(cid, verify=attempt > 0, local=attempt == 0)
+                if state.mode != "human":
+                    raise Conflict("the conversation is not waiting for a person", code="not_in_human_mode")
+                try:
+                    if req.action == "accept":
+                        state, ev = await self.store.append(state, TagAdded(f"agent:{agent}"))
+                    elif req.action == "reply":
+                        state, ev = await self.store.append(state, AgentMessage(agent, text))
+                    else:
+                        state, ev = await self.store.append(state, ModeChanged("bot", f"released by {agent}"))
+                    break
+                except Conflict:
+                    continue
+            else:
+                raise Conflict("the conversation is too busy, try again", code="concurrent_update")
+        if req.action == "reply":
+            await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(
+                conversation_id=cid, kind="agent_message", text=text, seq=ev.seq))
+        elif req.action == "release":
+            await self.handoffs.delete(cid)
+        else:
+            notice = self._notice(state, agent)
+            await self.handoffs.put(cid, notice.SerializeToString())
+        self.log.info("agent action", conversation_id=cid, action=req.action, seq=ev.seq)
+        return turn_pb2.AgentReply(seq=ev.seq, state=state_to_proto(state))
+
+    @staticmethod
+    def _notice(state: State, agent: str = "") -> turn_pb2.HandoffNotice:
+        last = next((t.text for t in reversed(state.turns) if t.role == "visitor"), "")
+        return turn_pb2.HandoffNotice(conversation_id=state.conversation_id, tenant=state.tenant,
+                                      summary=state.handoff_summary, last_text=last[:200],
+                                      ts_ms=int(time.time() * 1000), agent_id=agent)
 
     async def _image(self, req: turn_pb2.ImageRequest, _: Msg) -> turn_pb2.ImageReply:
         """OCR an image the visitor sent and add its text to the conversation (slots included: an order
@@ -176,6 +228,10 @@ class DialogueService(Service):
                 return turn_pb2.TurnReply(seq=seq, replayed=True, reply=turn_pb2.Reply(
                     text=turn.text, source=turn.source, citations=list(turn.citations)))
 
+            if state.mode == "human":  # the agent sees what the visitor writes
+                await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
+                    conversation_id=cid, turn_id=req.turn_id, kind="visitor_message", text=text, seq=seq))
+
             async def emit(delta: str) -> None:
                 await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
                     conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta))
@@ -213,6 +269,16 @@ class DialogueService(Service):
                 continue
         raise Conflict("the conversation is too busy, try again", code="concurrent_update")
 
+    async def _announce_handoff(self, state: State) -> None:
+        """Put the conversation in the agents' queue and tell the agents online."""
+        assert self.handoffs is not None and self.bus is not None
+        notice = self._notice(state)
+        try:
+            await self.handoffs.put(state.conversation_id, notice.SerializeToString())
+            await self.bus.publish(handoff_subject(state.tenant), notice)
+        except Exception as exc:  # the conversation is in human mode either way; the queue is a view of it
+            self.log.warning("handoff not announced", conversation_id=state.conversation_id, error=str(exc))
+
     async def _append_reply(self, state: State, seq: int, answer: Answer) -> None:
         assert self.store is not None
         for _ in range(APPEND_RETRIES):
@@ -222,6 +288,7 @@ class DialogueService(Service):
                     state, _ev = await self.store.append(state, ModeChanged("human", reason,
                                                                             summary_for_agent(state, reason)),
                                                          cache=False)
+                    await self._announce_handoff(state)
                 await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations), seq,
                                                         answer.provenance))
                 return

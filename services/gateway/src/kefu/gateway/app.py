@@ -31,6 +31,7 @@ class GatewaySettings(KefuSettings):
     turn_timeout: float = Field(default=90.0, gt=0)
     search_timeout: float = Field(default=40.0, gt=0)
     visitor_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
+    agent_token_ttl: float = Field(default=12 * 3600.0, gt=0)
     rate_messages_per_second: float = Field(default=2.0, gt=0)
     rate_messages_burst: float = Field(default=20.0, ge=1)
     rate_starts_per_second: float = Field(default=20.0, gt=0)
@@ -57,7 +58,8 @@ class GatewayService(Service):
                     search_timeout=s.search_timeout)
         await core.setup()
         api = HttpApi(core, auth, message_limiter=RateLimiter(s.rate_messages_per_second, s.rate_messages_burst),
-                      start_limiter=RateLimiter(s.rate_starts_per_second, s.rate_starts_burst))
+                      start_limiter=RateLimiter(s.rate_starts_per_second, s.rate_starts_burst),
+                      agent_token_ttl=s.agent_token_ttl)
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, s.http_host, s.http_port)

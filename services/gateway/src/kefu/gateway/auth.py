@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kefu.shared.errors import PermissionDenied, Unauthenticated
 
 _PREFIX = "v1"
+_AGENT_PREFIX = "a1"
 
 
 def _b64(data: bytes) -> str:
@@ -63,6 +64,34 @@ class Auth:
         if grant.expires < (now or time.time()):
             raise Unauthenticated("the token has expired", code="token_expired")
         return grant
+
+    def issue_agent(self, agent_id: str, ttl: float, now: float | None = None) -> str:
+        """A token for a human agent: the agent console (``/v1/agent/ws``) accepts it until it expires."""
+        exp = int((now or time.time()) + ttl)
+        payload = _b64(json.dumps({"a": agent_id, "e": exp}, separators=(",", ":")).encode())
+        return f"{_AGENT_PREFIX}.{payload}.{self._sign(payload)}"
+
+    def verify_agent(self, token: str | None, now: float | None = None) -> str:
+        """The agent id of ``token`` (the admin token acts as agent "admin").
+
+        Raises:
+            Unauthenticated: missing, malformed, forged or expired.
+        """
+        if not token:
+            raise Unauthenticated("an agent token is required")
+        if self.is_admin(token):
+            return "admin"
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != _AGENT_PREFIX or not hmac.compare_digest(self._sign(parts[1]), parts[2]):
+            raise Unauthenticated("invalid agent token", code="invalid_token")
+        try:
+            claims = json.loads(_unb64(parts[1]))
+            agent, exp = str(claims["a"]), int(claims["e"])
+        except (ValueError, KeyError, TypeError):
+            raise Unauthenticated("invalid agent token", code="invalid_token") from None
+        if exp < (now or time.time()):
+            raise Unauthenticated("the token has expired", code="token_expired")
+        return agent
 
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())

@@ -9,13 +9,22 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from kefu.proto.bus.v1 import common_pb2, retrieval_pb2, turn_pb2
-from kefu.shared.bus import Bus, decode, ensure_object_store, ensure_stream, subject_token
+from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
 from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, NotFound, PayloadTooLarge, Unavailable
 from kefu.shared.service import health_subject
-from kefu.shared.streams import MAX_DOCUMENT_BYTES, MAX_MEDIA_BYTES, kb_stream, kb_subject, media_store, out_subject
+from kefu.shared.streams import (
+    MAX_DOCUMENT_BYTES,
+    MAX_MEDIA_BYTES,
+    handoffs_kv,
+    kb_stream,
+    kb_subject,
+    media_store,
+    out_subject,
+)
 
 MAX_MESSAGE_CHARS = 4000
 MAX_TITLE_CHARS = 512
@@ -49,6 +58,7 @@ class Core:
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, kb_stream())
         self.media = await ensure_object_store(self.bus.js, media_store())
+        self.handoffs = await ensure_kv(self.bus.js, handoffs_kv())
 
     def tenant(self, tenant: str) -> str:
         """``tenant`` validated: a well-formed identifier, and one this deployment serves."""
@@ -164,6 +174,27 @@ class Core:
                 request.cancel()  # the turn still completes and is recorded by dialogue
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def agent_action(self, conversation_id: str, agent_id: str, action: str, text: str = "") -> turn_pb2.AgentReply:
+        return await self.bus.request("kefu.dialogue.agent", turn_pb2.AgentRequest(
+            conversation_id=subject_token(conversation_id), agent_id=agent_id, action=action, text=text),
+            turn_pb2.AgentReply)
+
+    async def waiting(self) -> list[turn_pb2.HandoffNotice]:
+        """Every conversation in human mode (the agents' queue), oldest first."""
+        try:
+            keys = await self.handoffs.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        notices = []
+        for key in keys:
+            try:
+                entry = await self.handoffs.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                notices.append(decode(turn_pb2.HandoffNotice, entry.value))
+        return sorted(notices, key=lambda n: n.ts_ms)
 
     async def add_image(self, conversation_id: str, image: bytes) -> turn_pb2.ImageReply:
         """Store a PNG or JPEG the visitor sent and add its text (OCR) to the conversation."""

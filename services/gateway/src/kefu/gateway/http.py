@@ -15,6 +15,7 @@ from kefu.gateway.auth import Auth, bearer
 from kefu.gateway.core import Core, Delta, Final
 from kefu.gateway.ratelimit import RateLimiter
 from kefu.proto.bus.v1 import turn_pb2
+from kefu.shared.bus import subject_token
 from kefu.shared.errors import BadRequest, Internal, KefuError, PayloadTooLarge, RateLimited, Unauthenticated
 from kefu.shared.logging import get_logger
 from kefu.shared.streams import MAX_MEDIA_BYTES, out_subject
@@ -163,9 +164,11 @@ def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:
 
 
 class HttpApi:
-    def __init__(self, core: Core, auth: Auth, *, message_limiter: RateLimiter, start_limiter: RateLimiter) -> None:
+    def __init__(self, core: Core, auth: Auth, *, message_limiter: RateLimiter, start_limiter: RateLimiter,
+                 agent_token_ttl: float = 12 * 3600.0) -> None:
         self.core = core
         self.auth = auth
+        self.agent_token_ttl = agent_token_ttl
         self.message_limiter = message_limiter
         self.start_limiter = start_limiter
 
@@ -183,6 +186,8 @@ class HttpApi:
             web.get("/v1/conversations/{cid}/state", self.get_state_at),
             web.post("/v1/conversations/{cid}/images", self.post_image),
             web.get("/v1/ws", self.visitor_ws),
+            web.post("/v1/agents", self.create_agent),
+            web.get("/v1/agent/ws", self.agent_ws),
         ])
         return app
 
@@ -307,6 +312,84 @@ class HttpApi:
         if at_seq < 0:
             raise BadRequest("at_seq must not be negative", code="invalid_field")
         return json_response(state_json(await self.core.get_state(request.match_info["cid"], at_seq), admin=True))
+
+    async def create_agent(self, request: web.Request) -> web.Response:
+        self.auth.require_admin(self._token(request))
+        body = await read_json(request)
+        agent_id = field(body, "agent_id")
+        subject_token(agent_id)
+        token = self.auth.issue_agent(agent_id, self.agent_token_ttl)
+        return json_response({"agent_id": agent_id, "agent_token": token}, status=201)
+
+    async def agent_ws(self, request: web.Request) -> web.StreamResponse:
+        """The agent console: the queue of conversations waiting for a person; accept, reply, release.
+
+        Server frames: ``queue`` (on connect), ``handoff`` (a conversation starts waiting), ``accepted``
+        (with the state), ``visitor_message``, ``sent``, ``released``, ``error``. Client frames:
+        ``{"type": "accept"|"release", "conversation_id"}``, ``{"type": "reply", "conversation_id", "text"}``.
+        """
+        agent = self.auth.verify_agent(request.query.get("token") or self._token(request))
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=JSON_LIMIT)
+        await ws.prepare(request)
+        lock = asyncio.Lock()
+        subs: dict[str, Any] = {}
+
+        async def send(obj: dict[str, Any]) -> None:
+            async with lock:
+                if not ws.closed:
+                    await ws.send_str(json.dumps(obj, ensure_ascii=False))
+
+        def notice_json(n: turn_pb2.HandoffNotice) -> dict[str, Any]:
+            return {"conversation_id": n.conversation_id, "tenant": n.tenant, "summary": n.summary,
+                    "last_text": n.last_text, "since_ms": n.ts_ms, "agent_id": n.agent_id}
+
+        async def on_handoff(msg: Any) -> None:
+            with contextlib.suppress(Exception):
+                await send({"type": "handoff", **notice_json(turn_pb2.HandoffNotice.FromString(msg.data))})
+
+        async def follow(cid: str) -> None:
+            async def on_out(msg: Any) -> None:
+                with contextlib.suppress(Exception):
+                    ev = turn_pb2.OutEvent.FromString(msg.data)
+                    if ev.kind == "visitor_message":
+                        await send({"type": "visitor_message", "conversation_id": cid, "text": ev.text,
+                                    "seq": ev.seq})
+
+            if cid not in subs:
+                subs[cid] = await self.core.bus.nc.subscribe(out_subject(cid), cb=on_out)
+
+        handoff_sub = await self.core.bus.nc.subscribe("kefu.handoff.*", cb=on_handoff)
+        try:
+            await send({"type": "queue", "agent_id": agent,
+                        "conversations": [notice_json(n) for n in await self.core.waiting()]})
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                try:
+                    data = parse_json_object(msg.data)
+                    kind = data.get("type")
+                    if kind not in ("accept", "reply", "release"):
+                        raise BadRequest("type must be accept, reply or release", code="invalid_field")
+                    cid = field(data, "conversation_id")
+                    text = field(data, "text") if kind == "reply" else ""
+                    reply = await self.core.agent_action(cid, agent, kind, text)
+                    if kind == "accept":
+                        await follow(cid)
+                        await send({"type": "accepted", "conversation_id": cid, "state": state_json(reply.state, admin=True)})
+                    elif kind == "reply":
+                        await send({"type": "sent", "conversation_id": cid, "seq": reply.seq})
+                    else:
+                        if cid in subs:
+                            with contextlib.suppress(Exception):
+                                await subs.pop(cid).unsubscribe()
+                        await send({"type": "released", "conversation_id": cid, "seq": reply.seq})
+                except KefuError as exc:
+                    await send({"type": "error", "code": exc.code, "message": exc.message})
+        finally:
+            for sub in (handoff_sub, *subs.values()):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        return ws
 
     async def visitor_ws(self, request: web.Request) -> web.StreamResponse:
         token = request.query.get("token") or self._token(request)

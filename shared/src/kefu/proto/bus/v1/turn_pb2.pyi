@@ -505,6 +505,99 @@ class ImageReply(_message.Message):
 Global___ImageReply: _TypeAlias = ImageReply  # noqa: Y015
 
 @_typing.final
+class AgentRequest(_message.Message):
+    """kefu.dialogue.agent (queue group "dialogue"): what a human agent does with a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    agent_id: _builtins.str
+    action: _builtins.str
+    """accept, reply or release."""
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "agent_id", b"agent_id", "conversation_id", b"conversation_id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentRequest: _TypeAlias = AgentRequest  # noqa: Y015
+
+@_typing.final
+class AgentReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___ConversationState: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        state: Global___ConversationState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentReply: _TypeAlias = AgentReply  # noqa: Y015
+
+@_typing.final
+class HandoffNotice(_message.Message):
+    """A conversation waiting for an agent: value of KV bucket "handoffs" (key: conversation id), and
+    published on kefu.handoff.<tenant> when it starts waiting.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    LAST_TEXT_FIELD_NUMBER: _builtins.int
+    TS_MS_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    tenant: _builtins.str
+    summary: _builtins.str
+    last_text: _builtins.str
+    ts_ms: _builtins.int
+    agent_id: _builtins.str
+    """Set once an agent accepted it."""
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        summary: _builtins.str = ...,
+        last_text: _builtins.str = ...,
+        ts_ms: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "conversation_id", b"conversation_id", "last_text", b"last_text", "summary", b"summary", "tenant", b"tenant", "ts_ms", b"ts_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandoffNotice: _TypeAlias = HandoffNotice  # noqa: Y015
+
+@_typing.final
 class OutEvent(_message.Message):
     """Published on kefu.out.<conversation_id> while a reply is produced, and for agent messages."""
 
@@ -519,7 +612,7 @@ class OutEvent(_message.Message):
     conversation_id: _builtins.str
     turn_id: _builtins.str
     kind: _builtins.str
-    """"delta", "reply" or "agent_message"."""
+    """"delta", "reply", "agent_message" or "visitor_message" (for the agent of a human-mode conversation)."""
     text: _builtins.str
     seq: _builtins.int
     @_builtins.property
