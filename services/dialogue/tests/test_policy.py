@@ -113,3 +113,25 @@ def test_handoff_summary_tells_the_agent_what_is_known():
                            "", "no_answer")
     assert text.splitlines()[0] == "reason: repeated_failure"
     assert "asked: 能分期吗" in text and "known: product=X100" in text and "no_answer" in text
+
+
+def test_a_number_from_another_document_is_still_invented():
+    coupons = Passage("coupons", "Coupons", "Spend 1000 yuan and save 50 yuan.")
+    kettle = Passage("k7", "Kettle K7", "The K7 kettle keeps water at 45, 60 or 85 degrees.")
+    ev = best_evidence("At which temperatures does the K7 keep water?", [kettle, coupons])
+    ok = dict(query="At which temperatures does the K7 keep water?", passages=[kettle, coupons], evidence=ev)
+    assert sentence_ok("The K7 keeps water at 45, 60 or 85 degrees.", first=True, **ok)
+    assert not sentence_ok("The K7 keeps water at 1000 degrees.", first=True, **ok)
+
+
+def test_unverifiable_or_looping_generations_are_not_shown():
+    router = Passage("r", "AX3000-R", "AX3000-R 支持 Mesh 组网，最多 3 台。")
+    ev = best_evidence("AX3000-R 最多能连几台", [router])
+    ok = dict(query="AX3000-R 最多能连几台", passages=[router], evidence=ev)
+    assert not sentence_ok("AX3000-R 最多 3 台，最多 3 台，最多 3 台。", first=True, **ok)
+    how_to = Passage("reset", "Router buttons", "Hold the reset button until the light blinks.")
+    ev = best_evidence("how do I reset it", [how_to])
+    assert not sentence_ok("Hold the reset button until the light blinks.", query="how do I reset it",
+                           passages=[how_to], evidence=ev, first=True)  # no fact to check: the cited text answers
+    assert not sentence_ok("The answer to the question is: hold the reset button.", query="how do I reset it",
+                           passages=[how_to], evidence=ev, first=False)

@@ -179,14 +179,20 @@ def build_messages(query: str, passages: list[Passage], evidence: Evidence, cont
 
 
 def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence: Evidence, first: bool) -> bool:
-    """Whether a generated sentence may be shown: it invents no number or code, says little that is not
-    in the passages, is in the question's language, and (the first sentence) carries the facts that
-    answer the question."""
+    """Whether a generated sentence may be shown. It must invent no number or code (facts come from the
+    question or the evidence's own document, not from any passage retrieved), say little that is not in
+    the passages, be in the question's language, not loop or echo the prompt, and — the first sentence —
+    carry the facts that answer the question. When the evidence has no such facts (a yes/no or how-to
+    answer) a small model's paraphrase cannot be checked, so the cited sentence is the answer instead."""
     if not sentence.strip() or _ECHO.search(sentence) or _LOOP.search(sentence.replace(" ", "")):
         return False
+    clauses = [c.strip(" 。.！!？?") for c in _CLAUSE.split(sentence) if c.strip(" 。.！!？?")]
+    if len(clauses) != len(set(clauses)):
+        return False  # the same clause twice: a loop
     if content_tokens(sentence) <= content_tokens(query):
         return False  # the question said back, not an answer
-    known = facts(query) | {f for p in passages for f in facts(p.title + " " + p.text)}
+    source = [p for p in passages if p.doc_id == evidence.doc_id] or passages
+    known = facts(query) | {f for p in source for f in facts(p.title + " " + p.text)}
     said = facts(sentence)
     if said - known:
         return False
@@ -198,16 +204,14 @@ def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence:
     if lang(query) == "zh" and not has_cjk(sentence):
         return False
     if first:
-        if evidence.required:
-            return evidence.required <= said
-        return bool(content_tokens(sentence) & content_tokens(evidence.sentence))
+        return bool(evidence.required) and evidence.required <= said
     return bool(content_tokens(sentence) & (content_tokens(query) | content_tokens(evidence.sentence)))
 
 
 # A tiny model stuck in a loop: the same 1-4 characters four times in a row ("福制福制福制福制").
 _LOOP = re.compile(r"([^\d\s]{1,4}?)\1{3,}")
 # The model repeating the prompt's scaffolding instead of answering.
-_ECHO = re.compile(r"^\s*[-*•]|\b(reference|question)\s*:|参考|问题：", re.I)
+_ECHO = re.compile(r"^\s*[-*•]|\b(reference|question|answer)\s*(is)?\s*:|the answer to|参考|问题：|答案：", re.I)
 
 _COMPLETE = re.compile(r"[。！？!?]|[.;](?=\s)")
 
