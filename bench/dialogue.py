@@ -19,7 +19,7 @@ from bench.run import write
 DATA = Path(__file__).parent / "data"
 
 
-async def run(data_dir: Path) -> dict:
+async def run(data_dir: Path, llm: bool = True) -> dict:
     from kefu.dialogue.app import DialogueService, DialogueSettings
     from kefu.gateway.app import GatewayService, GatewaySettings
     from kefu.inference.app import InferenceService, InferenceSettings
@@ -39,7 +39,7 @@ async def run(data_dir: Path) -> dict:
         gw = GatewayService(GatewaySettings(**common, http_port=0, grpc_port=0, rate_messages_per_second=1e6,
                                             rate_messages_burst=1e6, ready_services="dialogue,retrieval,inference"))
         services = [InferenceService(InferenceSettings(**common)), RetrievalService(RetrievalSettings(**common)),
-                    DialogueService(DialogueSettings(**common)), gw]
+                    DialogueService(DialogueSettings(**common, llm_enabled=llm)), gw]
         stop = asyncio.Event()
         tasks = [await start_in_background(s, stop) for s in services]
         base = f"http://127.0.0.1:{gw.http_port}"
@@ -59,6 +59,10 @@ async def run(data_dir: Path) -> dict:
                     async with s.post(f"{base}/v1/conversations/{started['conversation_id']}/messages", headers=h,
                                       json={"text": turn["user"]}) as r:
                         reply = (await r.json())["reply"]
+                    # What produced the reply (admins see it): the rewritten query and the documents found.
+                    async with s.get(f"{base}/v1/conversations/{started['conversation_id']}",
+                                     headers={"Authorization": f"Bearer {admin}"}) as r:
+                        prov = (await r.json())["turns"][-1].get("provenance", {})
                     if turn["kind"] == "handoff":
                         ok = reply["source"] == "handoff"
                     else:
@@ -67,6 +71,8 @@ async def run(data_dir: Path) -> dict:
                                     "kind": turn["kind"], "ok": ok, "question": turn["user"],
                                     "answer": reply["text"], "source": reply["source"],
                                     "citations": reply["citations"], "expected_doc": turn["doc_id"],
+                                    "query": prov.get("query", ""),
+                                    "retrieved": list(dict.fromkeys(c.split("#")[0] for c in prov.get("chunk_ids", []))),
                                     "latency_s": round(time.perf_counter() - t0, 3)})
         stop.set()
         await asyncio.gather(*tasks)
@@ -190,8 +196,20 @@ async def perf(data_dir: Path) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--extractive-only", action="store_true",
+                        help="only the answers without the model (the cited sentence): quick, for tuning the policy")
+    args = parser.parse_args()
     data_dir = Path(os.environ.get("KEFU_DATA_DIR", ".kefu"))
+    extractive = asyncio.run(run(data_dir, llm=False))
+    if args.extractive_only:
+        write("dialogue-extractive", extractive)
+        return
     report = asyncio.run(run(data_dir))
+    # The same conversations answered by the cited sentence alone: what the model adds (or costs).
+    report["extractive"] = {k: extractive[k] for k in ("correct", "follow_up_correct", "by")}
     report["performance"] = asyncio.run(perf(data_dir))
     write("dialogue", report)
 

@@ -34,3 +34,9 @@ def test_chinese_text_splits_at_chinese_punctuation():
 def test_a_sentence_longer_than_a_chunk_is_cut():
     chunks = chunk_document("d", "", "x" * 1200, 1, max_chars=500)
     assert [len(c.text) for c in chunks] == [500, 500, 200]
+
+
+def test_list_items_stay_lines_of_their_own():
+    text = "Price: 499 yuan.\n\n## Specifications\n- Battery: 6 hours per charge\n- Weight: 4.8 g\n1. 长按 5 秒\n2. 松开"
+    chunks = chunk_document("eb", "EB-20", text, 1)
+    assert chunks[1].text == "- Battery: 6 hours per charge\n- Weight: 4.8 g\n1. 长按 5 秒\n2. 松开"

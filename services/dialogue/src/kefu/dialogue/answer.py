@@ -121,7 +121,7 @@ class Answerer:
         prov = Provenance(query=query, keywords=tuple(keywords), chunk_ids=tuple(h.chunk_id for h in found.hits),
                           versions=tuple(h.version for h in found.hits),
                           scores=tuple(round(h.score, 6) for h in found.hits))
-        evidence = best_evidence(query, passages)
+        evidence = best_evidence(query, passages, tuple(glossed))
         if evidence is None:
             return Answer(NO_ANSWER_TEXT[lang(text)], "kb", provenance=replace(prov, decision="no_answer"))
         prov = replace(prov, decision="answered", evidence=evidence.sentence,

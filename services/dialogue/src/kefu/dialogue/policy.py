@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from kefu.dialogue.slots import products
 from kefu.shared.lexicon import concepts, expansions
-from kefu.shared.text import content_tokens, facts, has_cjk, query_tokens, split_sentences
+from kefu.shared.text import content_tokens, facts, has_cjk, identifiers, query_tokens, split_sentences
 
 _HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|^\s*人工\s*[。！!]?\s*$")
 _HANDOFF_EN = re.compile(
@@ -23,6 +23,17 @@ _CLAUSE = re.compile(r"[，、；;]|(?<!\d),|,(?!\d)")
 MIN_SUPPORT = 0.8
 # Weight of a query word that also names the document (title): it picks the document, not the fact.
 _TITLE_WEIGHT = 0.2
+_NO_QUANTITY_PENALTY = 3.0
+# A question whose answer is a number, a time or a date.
+_QUANTITY = re.compile(r"多少|几|多大|多久|多长|多重|多高|多远|多快|什么时候|何时|哪天|"
+                       r"\bhow (much|many|long|big|large|fast|far|heavy|old|often|soon)\b|\bwhat time\b|\bwhen\b|"
+                       r"\bwhich (temperatures?|sizes?|days?)\b", re.I)
+
+
+def asks_quantity(query: str) -> bool:
+    """Whether the question's answer is a number, a time or a date ("保修几年", "how long", "几点")."""
+    return bool(_QUANTITY.search(query))
+
 
 HANDOFF_TEXT = {"zh": "好的，正在为您转接人工客服，请稍候。", "en": "Sure, I'm connecting you to a human agent. Please wait a moment."}
 HUMAN_MODE_TEXT = {"zh": "已为您转接人工客服，客服会在这里回复您。",
@@ -98,7 +109,15 @@ def _question_tokens(query: str) -> set[str]:
     """The question's meaningful words plus the other words of the concepts it asks about, so "how much"
     meets "Price:" and "电池" meets "battery"."""
     extra = expansions(query)
-    return content_tokens(query) | set(query_tokens(" ".join(extra)))
+    return _words(query) | set(query_tokens(" ".join(extra)))
+
+
+def _words(text: str) -> set[str]:
+    """The meaningful tokens of ``text`` without the single Chinese characters of its longer words: a
+    question's "路由器" should meet "路由" in a sentence, not count again for "路" and "由"."""
+    tokens = content_tokens(text)
+    covered = {ch for t in tokens if len(t) > 1 and has_cjk(t) for ch in t}
+    return {t for t in tokens if not (len(t) == 1 and t in covered)}
 
 
 def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = ()) -> Evidence | None:
@@ -119,10 +138,14 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     glossed = frozenset(query_tokens(" ".join(extra))) - q if extra else frozenset()
     asked = concepts(query)
     named = products(query)
+    # The product's name identifies the document (``identity``); it is not what the question asks.
+    name_tokens = frozenset(t for name in named for t in content_tokens(name))
+    quantity = asks_quantity(query)
+    codes = identifiers(query)
     best: tuple[tuple[float, float, int], Evidence] | None = None
     top = max((p.score for p in passages), default=0.0) or 1.0
     for rank, p in enumerate(passages):
-        title_tokens = content_tokens(p.title)
+        title_tokens = content_tokens(p.title) | name_tokens
         about = products(p.title)
         # +2 when the document is about the named product, -2 when it is about another one.
         identity = 0.0 if not named or not about else (2.0 if named & about else -2.0)
@@ -135,16 +158,23 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
             if own <= _TITLE_WEIGHT and not covered:
                 continue  # the sentence itself says nothing the question asks about
             mentioned = products(sentence)
-            mention = 1.0 if named & mentioned else (-1.0 if named and mentioned else 0.0)
+            if named & mentioned:
+                mention = 1.0
+            elif named and mentioned and not identifiers(sentence) & codes:
+                mention = -1.0  # about another product (a code the question also has, E05 say, is not one)
+            else:
+                mention = 0.0
             score = own + 2.0 * covered + identity + mention + prior
+            if quantity and not facts(sentence):
+                score -= _NO_QUANTITY_PENALTY  # "多大", "how long": the answer has a number in it
             clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
             clause = max(clauses, key=lambda c: (len(asked & concepts(c)), _weighted_overlap(q, c, title_tokens),
                                                  bool(facts(c))))
             required = frozenset(facts(clause) - facts(query))
             # Ties go to the better-ranked passage.
-            key = (score, own, -rank)
+            key = (round(score, 3), -rank, own)
             if best is None or key > best[0]:
-                best = (key, Evidence(sentence, p.doc_id, required, score))
+                best = (key, Evidence(_BULLET.sub("", sentence), p.doc_id, required, score))
     return best[1] if best else None
 
 
@@ -212,6 +242,9 @@ def sentence_ok(sentence: str, *, query: str, passages: list[Passage], evidence:
 _LOOP = re.compile(r"([^\d\s]{1,4}?)\1{3,}")
 # The model repeating the prompt's scaffolding instead of answering.
 _ECHO = re.compile(r"^\s*[-*•]|\b(reference|question|answer)\s*(is)?\s*:|the answer to|参考|问题：|答案：", re.I)
+
+# A list item's marker: "- ", "• ", "1. ", "2、".
+_BULLET = re.compile(r"^\s*(?:[-*•]\s+|\d{1,2}[.、)]\s*(?=\D))")
 
 _COMPLETE = re.compile(r"[。！？!?]|[.;](?=\s)")
 

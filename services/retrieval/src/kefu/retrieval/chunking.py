@@ -67,7 +67,17 @@ def chunk_document(doc_id: str, title: str, text: str, version: int, *, max_char
 def _join(sentences: list[str]) -> str:
     out = ""
     for s in sentences:
-        # No space between Chinese sentences, one between English ones.
-        sep = "" if not out or out[-1] in "。！？；" or s[:1] in "。！？；" else " "
+        if not out:
+            sep = ""
+        elif out[-1] not in _ENDS or _ITEM.match(s):
+            sep = "\n"  # a line of its own (a list item, a "key: value" line) stays one
+        elif out[-1] in "。！？；" or s[:1] in "。！？；":
+            sep = ""  # no space between Chinese sentences
+        else:
+            sep = " "
         out += sep + s
     return out
+
+
+_ENDS = "。！？；.!?;"
+_ITEM = re.compile(r"[-*•]\s|\d{1,2}[.、)]\s*\D")
