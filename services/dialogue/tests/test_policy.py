@@ -135,3 +135,18 @@ def test_unverifiable_or_looping_generations_are_not_shown():
                            passages=[how_to], evidence=ev, first=True)  # no fact to check: the cited text answers
     assert not sentence_ok("The answer to the question is: hold the reset button.", query="how do I reset it",
                            passages=[how_to], evidence=ev, first=False)
+
+
+def test_the_visitors_own_words_outweigh_those_carried_from_earlier_turns():
+    eb = Passage("eb", "EB-20", "If you lose a single earbud, a replacement costs 149 yuan; "
+                 "a replacement charging case costs 129 yuan.")
+    query = "EB-20 If I lose one, what does a single one cost? What about the case?"
+    assert best_evidence(query, [eb], focus="What about the case?").required == {"129"}
+
+
+def test_a_quantity_question_wants_a_number_and_a_terse_line_gets_its_heading():
+    router = Passage("r", "AX3000-R", "组网成功后再把副路由移到需要覆盖的房间或楼层。\n"
+                     "- Recommended coverage: up to 120 square metres")
+    assert best_evidence("AX3000-R 路由器能覆盖多大的房子？", [router]).required == {"120"}
+    lamp = Passage("l2", "L2 desk lamp", "2 years.", heading="Warranty")
+    assert best_evidence("L2 保修几年？", [lamp]).sentence == "Warranty: 2 years."

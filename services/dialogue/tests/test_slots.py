@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from kefu.dialogue.slots import extract, needs_product, rewrite
+from kefu.dialogue.slots import MAX_PREVIOUS_CHARS, extract, needs_product, rewrite
 
 NOW = dt.datetime(2026, 3, 15, 10, 0)
 
@@ -46,3 +46,24 @@ def test_elliptical_follow_ups_lean_on_the_previous_question():
     assert rewrite("and on weekdays?", {}, "When does the Beijing store open on weekends?").startswith("When does")
     assert rewrite("那它积分是几倍？", {}, "金卡会员一年要花多少钱？") == "金卡会员一年要花多少钱？ 那它积分是几倍？"
     assert rewrite("你们深圳门店几点关门？", {}, previous) == "你们深圳门店几点关门？"  # a question of its own
+
+
+def test_a_new_topic_is_searched_as_it_is_and_discourse_words_are_not_searched():
+    slots = {"product": "X100"}
+    assert rewrite("另外问一下，你们深圳门店晚上几点关门？", slots, "X100 多少钱") == "你们深圳门店晚上几点关门？"
+    assert rewrite("换个问题，那工作日呢？", slots, "北京门店周末几点开门？") == "那工作日呢？"
+    assert rewrite("Different question: how long does a refund take?", slots) == "how long does a refund take?"
+    assert rewrite("Sorry, I meant the K7 - how many litres is that one?", slots) == \
+        "I meant the K7 - how many litres is that one?"
+    assert rewrite("对了，它保修多久？", slots) == "X100 它保修多久？"  # still points back at the product
+    assert rewrite("No USB port?", {}) == "No USB port?"
+
+
+def test_a_follow_up_of_a_follow_up_does_not_grow_without_bound():
+    previous = ("I paid for an order with my card yesterday evening and it has still not shipped. Can I still "
+                "cancel it? Could I change the address instead?")
+    query = rewrite("And what if it has already gone out?", {}, previous)
+    assert query == "Can I still cancel it? Could I change the address instead? And what if it has already gone out?"
+    for _ in range(20):
+        query = rewrite("And then?", {}, query)
+    assert len(query) <= MAX_PREVIOUS_CHARS + len(" And then?")

@@ -14,9 +14,9 @@ from kefu.shared.text import has_cjk, normalize
 
 # concept -> words in Chinese and English. Words are matched after tokenization (jieba, lower case).
 CONCEPTS: dict[str, tuple[str, ...]] = {
-    "price": ("价格", "售价", "价钱", "多少钱", "几块钱", "费用", "收费", "price", "cost", "costs", "priced", "how much is", "how much are", "how much does", "how much would",
+    "price": ("价格", "售价", "价钱", "原价", "现价", "清仓价", "特价", "到手价", "多少钱", "几块钱", "费用", "收费", "price", "cost", "costs", "priced", "how much is", "how much are", "how much does", "how much would",
               "how much for",
-              "yuan", "fee", "charge"),
+              "yuan", "fee"),
     "warranty": ("保修", "质保", "保固", "维修", "warranty", "guarantee", "repair"),
     "battery": ("电池", "续航", "电量", "毫安", "battery", "mah", "runtime"),
     "charging": ("充电", "快充", "充电器", "charging", "charger", "charge"),
@@ -34,13 +34,19 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "invoice": ("发票", "开票", "invoice", "receipt", "fapiao"),
     "location": ("地址", "在哪", "在哪里", "位置", "门店", "address", "where", "location", "store"),
     "membership": ("会员", "积分", "member", "membership", "points"),
+    # Membership tiers: "金卡" is the "Gold" line of an English table.
+    "tier_regular": ("普通会员", "regular member", "regular tier", "regular:"),
+    "tier_silver": ("银卡", "白银", "silver"),
+    "tier_gold": ("re:(?<!铂)金卡", "黄金会员", "gold"),
+    "tier_platinum": ("铂金", "白金", "platinum"),
     "camera": ("相机", "摄像头", "像素", "camera", "megapixel", "mp"),
     "wireless": ("无线", "wireless", "qi"),
     "waterproof": ("防水", "游泳", "waterproof", "water resistance", "water-resistant", "ip68", "ip67", "ip54",
                    "swimming", "swim"),
     "temperature": ("温度", "保温", "temperature", "°c", "degrees", "keep warm"),
     "deposit": ("定金", "订金", "预订", "预售", "尾款", "deposit", "pre-order", "preorder", "balance"),
-    "coverage": ("覆盖", "平方米", "面积", "coverage", "cover", "square metres", "square meters", "m²"),
+    "coverage": ("覆盖", "平方米", "面积", "多大的房", "适合多大", "coverage", "cover", "square metres", "square meters",
+                 "m²", "㎡", "room size", "how big a room", "rooms up to"),
     "filter": ("滤芯", "滤网", "filter", "filters", "cartridge"),
     "expiry": ("过期", "有效期", "清零", "expire", "expires", "expiry", "valid"),
     "birthday": ("生日", "birthday"),
@@ -51,7 +57,7 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
               "kelvin", "flicker"),
     "obstacle": ("越障", "门槛", "threshold", "obstacle", "climb"),
     "runtime": ("续航", "扫多久", "能用多久", "用多久", "run time", "runtime", "battery life", "on one charge",
-                "full charge", "minutes"),
+                "full charge", "per charge"),
     "mesh": ("组网", "mesh", "nodes"),
 }
 
@@ -65,9 +71,12 @@ PRODUCT_ATTRIBUTES = frozenset({"price", "warranty", "battery", "charging", "scr
 def _pattern(words: tuple[str, ...]) -> re.Pattern[str]:
     # Chinese words and English phrases match anywhere (Chinese has no spaces to split at); other
     # words only whole ("close" is not in "closet").
-    inside = [re.escape(w) for w in words if has_cjk(w) or " " in w or not w.isalnum()]
-    whole = [re.escape(w) for w in words if not (has_cjk(w) or " " in w or not w.isalnum())]
-    parts = inside + ([rf"(?<![a-z0-9])(?:{'|'.join(whole)})(?![a-z0-9])"] if whole else [])
+    # A word written "re:..." is a regular expression ("re:(?<!铂)金卡": 金卡 but not 铂金卡).
+    inside = [w[3:] if w.startswith("re:") else re.escape(w) for w in words
+              if w.startswith("re:") or has_cjk(w) or " " in w or not w.isalnum()]
+    whole = [re.escape(w) for w in words if not (w.startswith("re:") or has_cjk(w) or " " in w or not w.isalnum())]
+    # (with a plural ending: "temperatures" asks about temperature).
+    parts = inside + ([rf"(?<![a-z0-9])(?:{'|'.join(whole)})(?:s|es)?(?![a-z0-9])"] if whole else [])
     return re.compile("|".join(parts))
 
 
@@ -86,5 +95,5 @@ def expansions(text: str) -> list[str]:
     norm = normalize(text)
     out: list[str] = []
     for name in sorted(concepts(text)):
-        out.extend(w for w in CONCEPTS[name] if not _pattern((w,)).search(norm))
+        out.extend(w for w in CONCEPTS[name] if not w.startswith("re:") and not _pattern((w,)).search(norm))
     return out

@@ -117,11 +117,11 @@ class Answerer:
                                         keywords=keywords, expand_docs=self.settings.expand_docs),
             retrieval_pb2.SearchReply, timeout=self.settings.search_timeout,
         )
-        passages = [Passage(h.doc_id, h.title, h.text, h.score) for h in found.hits]
+        passages = [Passage(h.doc_id, h.title, h.text, h.score, h.heading) for h in found.hits]
         prov = Provenance(query=query, keywords=tuple(keywords), chunk_ids=tuple(h.chunk_id for h in found.hits),
                           versions=tuple(h.version for h in found.hits),
                           scores=tuple(round(h.score, 6) for h in found.hits))
-        evidence = best_evidence(query, passages, tuple(glossed))
+        evidence = best_evidence(query, passages, tuple(glossed), focus=text)
         if evidence is None:
             return Answer(NO_ANSWER_TEXT[lang(text)], "kb", provenance=replace(prov, decision="no_answer"))
         prov = replace(prov, decision="answered", evidence=evidence.sentence,

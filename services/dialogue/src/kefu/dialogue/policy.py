@@ -24,10 +24,14 @@ MIN_SUPPORT = 0.8
 # Weight of a query word that also names the document (title): it picks the document, not the fact.
 _TITLE_WEIGHT = 0.2
 _NO_QUANTITY_PENALTY = 3.0
+_CONCEPT_WEIGHT = 3.0
+_EARLIER_WEIGHT = 0.3
+# A sentence of this few words is shown with its section's heading.
+_TERSE = 3
 # A question whose answer is a number, a time or a date.
 _QUANTITY = re.compile(r"多少|几|多大|多久|多长|多重|多高|多远|多快|什么时候|何时|哪天|"
                        r"\bhow (much|many|long|big|large|fast|far|heavy|old|often|soon)\b|\bwhat time\b|\bwhen\b|"
-                       r"\bwhich (temperatures?|sizes?|days?)\b", re.I)
+                       r"\bwhich (temperatures?|sizes?|days?)\b|\bwhat('s| is| does| do| did)?\b[^?]{0,30}\b(cost|price)|价格|售价|价钱", re.I)
 
 
 def asks_quantity(query: str) -> bool:
@@ -88,6 +92,8 @@ class Passage:
     text: str
     # Retrieval's fused score in [0, 1]; sentences of weaker passages need more words in common to win.
     score: float = 1.0
+    # The document section's heading: what a terse sentence ("2 years.") under "Warranty" is about.
+    heading: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,9 @@ class Evidence:
     score: float
 
 
-def _weighted_overlap(query: set[str], text: str, title_tokens: set[str]) -> float:
+def _weighted_overlap(query: set[str], text: str, title_tokens: set[str], earlier: frozenset[str] = frozenset()) -> float:
     hit = query & content_tokens(text)
-    return sum(_TITLE_WEIGHT if t in title_tokens else 1.0 for t in hit)
+    return sum(_TITLE_WEIGHT if t in title_tokens else (_EARLIER_WEIGHT if t in earlier else 1.0) for t in hit)
 
 
 def _question_tokens(query: str) -> set[str]:
@@ -120,13 +126,15 @@ def _words(text: str) -> set[str]:
     return {t for t in tokens if not (len(t) == 1 and t in covered)}
 
 
-def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = ()) -> Evidence | None:
+def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = (), focus: str = "") -> Evidence | None:
     """The passage sentence that answers ``query`` best (None when none says anything it asks about).
 
     A sentence is scored by the question's words it shares (expanded with the concepts' other words,
     so "多少钱" meets "Price:"), the concepts it covers (price, warranty, battery, ...), whether its
     document is about the product the question names ("X100" is not the "X100 Pro"), and retrieval's
-    rank; ``extra`` words (the question glossed into the other language) count half. The facts an
+    rank; ``extra`` words (the question glossed into the other language) count half, and so do words
+    the rewriting brought in from earlier turns when ``focus`` (what the visitor just said) is given:
+    "What about the case?" after a question about a lost earbud is about the case. The facts an
     answer must keep come from the sentence's best clause, where words that merely
     name the document weigh less: for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月"
     that is "保修 18 个月", so 18 is required and 1.7 and 199 are not.
@@ -134,9 +142,13 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     q = _question_tokens(query)
     if not q:
         return None
+    # Words only of earlier turns weigh half of the visitor's own words of this turn.
+    earlier = frozenset(q - _question_tokens(focus)) if focus and focus != query else frozenset()
     # Words of the other language (a gloss) help a little, never as much as the question's own.
     glossed = frozenset(query_tokens(" ".join(extra))) - q if extra else frozenset()
+    # Concepts of this turn count fully, those only of the earlier turns it was rewritten with, less.
     asked = concepts(query)
+    now = concepts(focus) if focus else asked
     named = products(query)
     # The product's name identifies the document (``identity``); it is not what the question asks.
     name_tokens = frozenset(t for name in named for t in content_tokens(name))
@@ -153,8 +165,9 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
         for sentence in split_sentences(p.text):
             if sentence.rstrip().endswith(("?", "？")):
                 continue  # a question (an FAQ's own, say) is not an answer
-            own = _weighted_overlap(q, sentence, title_tokens) + 0.5 * len(glossed & content_tokens(sentence))
-            covered = len(asked & concepts(sentence))
+            own = _weighted_overlap(q, sentence, title_tokens, earlier) + 0.5 * len(glossed & content_tokens(sentence))
+            said = concepts(sentence) | concepts(p.heading)
+            covered = len(now & said) + _EARLIER_WEIGHT * len((asked - now) & said)
             if own <= _TITLE_WEIGHT and not covered:
                 continue  # the sentence itself says nothing the question asks about
             mentioned = products(sentence)
@@ -164,8 +177,8 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
                 mention = -1.0  # about another product (a code the question also has, E05 say, is not one)
             else:
                 mention = 0.0
-            score = own + 2.0 * covered + identity + mention + prior
-            if quantity and not facts(sentence):
+            score = own + _CONCEPT_WEIGHT * covered + identity + mention + prior
+            if quantity and not any(f[0].isdigit() for f in facts(sentence)):
                 score -= _NO_QUANTITY_PENALTY  # "多大", "how long": the answer has a number in it
             clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
             clause = max(clauses, key=lambda c: (len(asked & concepts(c)), _weighted_overlap(q, c, title_tokens),
@@ -174,7 +187,10 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
             # Ties go to the better-ranked passage.
             key = (round(score, 3), -rank, own)
             if best is None or key > best[0]:
-                best = (key, Evidence(_BULLET.sub("", sentence), p.doc_id, required, score))
+                shown = _BULLET.sub("", sentence)
+                if p.heading and len(content_tokens(shown)) <= _TERSE and not content_tokens(p.heading) & content_tokens(shown):
+                    shown = f"{p.heading}: {shown}"  # "2 years." alone does not say of what
+                best = (key, Evidence(shown, p.doc_id, required, score))
     return best[1] if best else None
 
 

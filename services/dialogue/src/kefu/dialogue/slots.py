@@ -14,7 +14,7 @@ import re
 import unicodedata
 
 from kefu.shared.lexicon import PRODUCT_ATTRIBUTES, concepts
-from kefu.shared.text import has_cjk
+from kefu.shared.text import has_cjk, split_sentences
 
 _SUFFIX = r"(?:\s?(?:Pro\+?|Max|Plus|Ultra|Mini|Lite|SE|Air))?"
 _PRODUCT = re.compile(
@@ -104,12 +104,55 @@ def elliptical(text: str) -> bool:
                                                     not _PRODUCT.search(normalized))
 
 
+# "换个问题，", "另外问一下，", "Different question:", "By the way,": what follows is a new topic.
+_TOPIC_CHANGE = re.compile(
+    r"^\s*(?:换个问题|换个话题|另外(?:问一下|想问|再问)?|还有个问题|还有一个问题|对了|顺便问一下|顺便问下|"
+    r"different question|another question|something else|one more thing|by the way|btw|unrelated"
+    r")\s*[,，:：、.\-—]*\s*", re.I)
+# "啊不对，", "Sorry, I meant": a correction; the words themselves are not what to search for.
+_CORRECTION = re.compile(
+    r"^\s*(?:(?:啊|哦|噢)?(?:不对|不是|我看错了|看错了|说错了|搞错了)|(?:oh )?(?:sorry|wait|oops)\b)\s*[,，:：、.!！\-—]*\s*",
+    re.I)
+# How much of the previous question a follow-up carries (its last sentences): follow-ups of follow-ups
+# must not grow the query without bound.
+MAX_PREVIOUS_CHARS = 120
+
+
+def topic_change(text: str) -> bool:
+    """Whether ``text`` opens a new topic ("换个问题，…", "Different question: …")."""
+    return bool(_TOPIC_CHANGE.match(text))
+
+
+def strip_discourse(text: str) -> str:
+    """``text`` without its opening "换个问题，" / "Sorry, I meant" words."""
+    rest = text
+    for pattern in (_TOPIC_CHANGE, _CORRECTION, _TOPIC_CHANGE):
+        if m := pattern.match(rest):  # the patterns have the full-width punctuation too
+            rest = rest[m.end():]
+    return rest.strip() or text
+
+
+def _tail(text: str) -> str:
+    """The last sentences of ``text``, at most MAX_PREVIOUS_CHARS (at least one sentence)."""
+    out: list[str] = []
+    for sentence in reversed(split_sentences(text)):
+        if out and len(" ".join([sentence, *out])) > MAX_PREVIOUS_CHARS:
+            break
+        out.insert(0, sentence)
+    return " ".join(out)
+
+
 def rewrite(text: str, slots: dict[str, str], previous: str = "") -> str:
     """The query to search for ``text``, given the conversation's remembered ``slots`` and the
-    ``previous`` question (as it was searched)."""
+    ``previous`` question (as it was searched). A question that opens a new topic is searched as it
+    is; the words that open it or correct the last one are not searched for."""
+    changed = topic_change(text)
+    text = strip_discourse(text)
+    if changed and not _BACK_REFERENCE.search(text):
+        return text  # "对了，它保修多久" still points back
     product = slots.get("product")
     if product and needs_product(text):
         return f"{product} {text}"
     if previous and elliptical(text):
-        return f"{previous} {text}"
+        return f"{_tail(previous)} {text}"
     return text

@@ -254,8 +254,8 @@ class RetrievalService(Service):
         for hit in hits:
             c = hit.chunk
             reply.hits.add(doc_id=c.doc_id, chunk_id=c.chunk_id, title=c.title, text=c.text, score=hit.score,
-                           version=c.version, dense=hit.dense, lexical=hit.lexical, exact=hit.exact)
+                           version=c.version, dense=hit.dense, lexical=hit.lexical, exact=hit.exact, heading=c.heading)
         for doc_id, score, chunk in index.neighbours(hits, min(req.expand_docs, 5)):
             reply.hits.add(doc_id=doc_id, chunk_id=chunk.chunk_id, title=chunk.title, text=chunk.text,
-                           score=0.9 * score, version=chunk.version)
+                           score=0.9 * score, version=chunk.version, heading=chunk.heading)
         return reply

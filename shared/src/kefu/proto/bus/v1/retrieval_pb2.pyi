@@ -136,6 +136,7 @@ class SearchHit(_message.Message):
     DENSE_FIELD_NUMBER: _builtins.int
     LEXICAL_FIELD_NUMBER: _builtins.int
     EXACT_FIELD_NUMBER: _builtins.int
+    HEADING_FIELD_NUMBER: _builtins.int
     doc_id: _builtins.str
     chunk_id: _builtins.str
     title: _builtins.str
@@ -151,6 +152,8 @@ class SearchHit(_message.Message):
     """
     lexical: _builtins.float
     exact: _builtins.bool
+    heading: _builtins.str
+    """The heading of the document section the chunk comes from ("Warranty" for a chunk that says "2 years.")."""
     def __init__(
         self,
         *,
@@ -163,10 +166,11 @@ class SearchHit(_message.Message):
         dense: _builtins.float = ...,
         lexical: _builtins.float = ...,
         exact: _builtins.bool = ...,
+        heading: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "dense", b"dense", "doc_id", b"doc_id", "exact", b"exact", "lexical", b"lexical", "score", b"score", "text", b"text", "title", b"title", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "dense", b"dense", "doc_id", b"doc_id", "exact", b"exact", "heading", b"heading", "lexical", b"lexical", "score", b"score", "text", b"text", "title", b"title", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
