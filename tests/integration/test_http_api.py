@@ -195,6 +195,21 @@ async def test_memory_answers_a_follow_up_about_the_product_named_before(api, un
     assert state["turns"][3]["provenance"]["query"].startswith("X200 ")
 
 
+async def test_a_visitor_goes_back_to_an_older_product_after_the_topic_moved_on(api, unique):
+    tenant = unique("recall")
+    await api.put_doc(tenant, "x100", "X100 手机", "X100 手机售价 3299 元，整机保修 1 年。")
+    await api.put_doc(tenant, "k5", "K5 电水壶", "K5 电水壶售价 129 元，整机保修 18 个月。")
+    await api.put_doc(tenant, "refund", "退款时效", "退款审核通过后 1-3 个工作日原路退回。")
+    cid, tok = await api.start(tenant)
+    for question in ("我想买个手机，X100 多少钱？", "K5 电水壶多少钱？", "退款多久到账？", "K5 保修多久？", "退款多久到账？"):
+        await api.ask(cid, tok, question)
+    # The product slot is K5 now; the memory vectors still know the phone.
+    st, js, _ = await api.ask(cid, tok, "之前那个手机保修多久？")
+    assert st == 200 and "1 年" in js["reply"]["text"] and js["reply"]["citations"] == ["x100"], js
+    _, state, _ = await api.call("GET", f"/v1/conversations/{cid}", token=tok)
+    assert state["slots"]["product"] == "X100" and state["summary"].startswith("Earlier: ")
+
+
 async def test_auth_is_enforced_everywhere(api, unique):
     tenant = unique("auth")
     cid, tok = await api.start(tenant)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import time
 import uuid
@@ -16,6 +17,7 @@ from pydantic import Field
 from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.gloss import Gloss
+from kefu.dialogue.memory import fold, points_back, recall
 from kefu.dialogue.policy import context_note, handoff_summary
 from kefu.dialogue.slots import extract, rewrite
 from kefu.dialogue.state import AgentMessage, BotReply, ModeChanged, OcrResult, Started, State, TagAdded, VisitorMessage
@@ -63,12 +65,14 @@ def summary_for_agent(state: State, reason: str) -> str:
 
 
 def conversation_note(state: State, seq: int) -> str:
-    """The bounded note about the conversation that goes into the prompt."""
-    visitor = [t for t in state.turns if t.role == "visitor" and t.seq < seq]
-    if not visitor:
-        return context_note("", "", state.slots)
-    reply = state.reply_to(visitor[-1].seq)
-    return context_note(visitor[-1].text, reply.text if reply else "", state.slots)
+    """The bounded note about the conversation before ``seq`` that goes into the prompt."""
+    ctx = fold(state, seq)
+    return context_note([(ex.question, ex.answer) for ex in ctx.recent], state.slots, ctx.summary)
+
+
+def _with_summary(state: State) -> turn_pb2.ConversationState:
+    """The state for readers, with the running summary of every topic so far (derived, not stored)."""
+    return state_to_proto(dataclasses.replace(state, summary=fold(state, recent=0).summary))
 
 
 def previous_query(state: State, seq: int) -> str:
@@ -134,8 +138,8 @@ class DialogueService(Service):
             if state.seq < req.at_seq:
                 raise BadRequest(f"the conversation has no event {req.at_seq} (last is {state.seq})",
                                  code="invalid_field")
-            return state_to_proto(state)
-        return state_to_proto(await self.store.load(cid))
+            return _with_summary(state)
+        return _with_summary(await self.store.load(cid))
 
     async def _agent(self, req: turn_pb2.AgentRequest, _: Msg) -> turn_pb2.AgentReply:
         """An agent accepts a waiting conversation, replies in it, or hands it back to the bot."""
@@ -260,6 +264,11 @@ class DialogueService(Service):
                 if state.reply_to(seq) is not None:
                     return state, None
                 return state, seq  # stored but never answered (a crash in between): answer it now
+            if "product" not in slots and points_back(text):
+                # "之前那个手机…": the product of the older topic it points at, from the memory vectors.
+                memory = recall(fold(state).memories, text)
+                if memory is not None and memory.product:
+                    slots = {**slots, "product": memory.product}
             try:
                 # The cache is written with the reply; a crash in between is caught by load(verify=True).
                 state, ev = await self.store.append(state, VisitorMessage(text, cmid, tuple(sorted(slots.items()))),

@@ -26,6 +26,7 @@ _TITLE_WEIGHT = 0.2
 _NO_QUANTITY_PENALTY = 3.0
 _CONCEPT_WEIGHT = 3.0
 _EARLIER_WEIGHT = 0.3
+_CODE_WEIGHT = 2.0
 # A sentence of this few words is shown with its section's heading.
 _TERSE = 3
 # A question whose answer is a number, a time or a date.
@@ -154,6 +155,8 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     name_tokens = frozenset(t for name in named for t in content_tokens(name))
     quantity = asks_quantity(query)
     codes = identifiers(query)
+    # Codes that are not the product: error codes, order numbers, SKUs. A sentence with one answers.
+    asked_codes = codes - {c for name in named for c in identifiers(name)}
     best: tuple[tuple[float, float, int], Evidence] | None = None
     top = max((p.score for p in passages), default=0.0) or 1.0
     for rank, p in enumerate(passages):
@@ -178,6 +181,7 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
             else:
                 mention = 0.0
             score = own + _CONCEPT_WEIGHT * covered + identity + mention + prior
+            score += _CODE_WEIGHT * len(asked_codes & identifiers(sentence))
             if quantity and not any(f[0].isdigit() for f in facts(sentence)):
                 score -= _NO_QUANTITY_PENALTY  # "多大", "how long": the answer has a number in it
             clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
@@ -194,17 +198,17 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     return best[1] if best else None
 
 
-MAX_CONTEXT_CHARS = 300
+MAX_CONTEXT_CHARS = 400
+_TURN_CHARS = 90
 
 
-def context_note(last_question: str, last_answer: str, slots: dict[str, str]) -> str:
-    """What the model needs of the conversation so far, bounded: the last exchange and what is known
-    (older turns live on in the slots, which the rewriting already used)."""
-    parts = []
-    if last_question:
-        parts.append(f"Previous question: {last_question[:100]}")
-    if last_answer:
-        parts.append(f"Previous answer: {last_answer[:100]}")
+def context_note(recent: list[tuple[str, str]], slots: dict[str, str], summary: str = "") -> str:
+    """What the model needs of the conversation so far, bounded however long it is: the running summary
+    of the older turns, the last exchanges (question, answer) verbatim but clipped, and what is known.
+    Older turns also live on in the slots and the memory vectors, which the rewriting already used."""
+    parts = [summary] if summary else []
+    for question, answer in recent:
+        parts.append(f"Q: {question[:_TURN_CHARS]}" + (f" A: {answer[:_TURN_CHARS]}" if answer else ""))
     known = {k: v for k, v in slots.items() if k != "phone"}  # the model never needs the phone number
     if known:
         parts.append("Known: " + ", ".join(f"{k}={v}" for k, v in sorted(known.items())))

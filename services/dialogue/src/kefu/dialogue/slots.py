@@ -56,6 +56,12 @@ def products(text: str) -> set[str]:
             if not _CODE_CUE.search(text[:m.start()])}
 
 
+def product_names(text: str) -> list[str]:
+    """The products ``text`` names, as written ("X100 Pro"), in order (error codes excluded)."""
+    text = unicodedata.normalize("NFKC", text)
+    return [m.group().strip() for m in _PRODUCT.finditer(text) if not _CODE_CUE.search(text[:m.start()])]
+
+
 def extract(text: str, now: dt.datetime) -> dict[str, str]:
     """The slots ``text`` mentions (only those it mentions)."""
     text = unicodedata.normalize("NFKC", text)
@@ -67,10 +73,9 @@ def extract(text: str, now: dt.datetime) -> dict[str, str]:
     if phones:
         slots["phone"] = phones[-1]
     taken = set(orders) | set(phones)
-    products = [m.group().strip() for m in _PRODUCT.finditer(text)
-                if not any(m.group() in t or t in m.group() for t in taken) and not _CODE_CUE.search(text[:m.start()])]
-    if products:
-        slots["product"] = products[-1]
+    named = [p for p in product_names(text) if not any(p in t or t in p for t in taken)]
+    if named:
+        slots["product"] = named[-1]
     date = None
     if m := _ISO_DATE.search(text):
         date = dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
