@@ -22,6 +22,9 @@ from kefu.shared.lexicon import concepts
 from kefu.shared.text import content_tokens, has_cjk
 
 RECENT_EXCHANGES = 2
+# The memory is made from this many latest turns, so its cost does not grow with the conversation
+# (the three most recent topics are almost always among them; the slots remember the rest).
+WINDOW_TURNS = 240
 MAX_MEMORIES = 3
 MAX_SUMMARY_CHARS = 160
 # How much of what a question names a memory must hold for the question to be about it.
@@ -64,9 +67,10 @@ class Context:
 
 def exchanges(state: State, before_seq: int | None = None) -> list[Exchange]:
     """The visitor's questions (not OCR text) before ``before_seq`` with the bot's replies to them."""
-    replies = {t.in_reply_to: t for t in state.turns if t.role == "bot" and t.in_reply_to}
+    turns = state.turns[-WINDOW_TURNS:]
+    replies = {t.in_reply_to: t for t in turns if t.role == "bot" and t.in_reply_to}
     out = []
-    for t in state.turns:
+    for t in turns:
         if t.role != "visitor" or t.source == "ocr" or (before_seq is not None and t.seq >= before_seq):
             continue
         reply: Turn | None = replies.get(t.seq)
@@ -117,10 +121,15 @@ def recall(memories: Iterable[Memory], text: str) -> Memory | None:
 
 
 def _topic(ex: Exchange) -> str:
-    named = product_names(ex.question)
+    return _topic_of(ex.question)
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_of(question: str) -> str:
+    named = product_names(question)
     if named:
         return named[-1]
-    asked = sorted(concepts(ex.question))
+    asked = sorted(concepts(question))
     return asked[0] if asked else ""
 
 

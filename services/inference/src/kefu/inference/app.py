@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack, suppress
+from typing import Literal
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from kefu.inference.backend import GenerationParams, LlamaCppBackend
+from kefu.inference.backend import Backend, GenerationParams, LlamaCppBackend, OpenAIBackend, UpstreamError
 from kefu.inference.ocr import OcrEngine
 from kefu.proto.bus.v1 import llm_pb2
 from kefu.shared.bus import Bus, decode, ensure_object_store, ensure_stream
@@ -28,7 +29,14 @@ CONSUMER = "inference"
 
 
 class InferenceSettings(KefuSettings):
+    # llama_cpp (the bundled GGUF model, in-process) or openai (an OpenAI-compatible upstream).
+    llm_backend: Literal["llama_cpp", "openai"] = "llama_cpp"
     llm_model: str = ""
+    # KEFU_LLM_OPENAI_URL (API root, e.g. http://vllm:8000/v1), _MODEL and _API_KEY, for llm_backend=openai.
+    llm_openai_url: str = ""
+    llm_openai_model: str = ""
+    llm_openai_api_key: SecretStr = SecretStr("")
+    llm_openai_timeout: float = Field(default=60.0, gt=0)
     llm_threads: int = Field(default=2, ge=1)
     llm_ctx: int = Field(default=2048, ge=256)
     # Jobs this replica runs at once; llama.cpp holds one sequence per context.
@@ -45,7 +53,7 @@ class InferenceService(Service):
 
     def __init__(self, settings: InferenceSettings | None = None) -> None:
         super().__init__(settings)
-        self.backend: LlamaCppBackend | None = None
+        self.backend: Backend | None = None
         self.cancelled: set[str] = set()
         self.jobs_done = 0
         self._stopping = False
@@ -57,10 +65,8 @@ class InferenceService(Service):
             self.ocr = await asyncio.to_thread(OcrEngine)
             self.media = await ensure_object_store(bus.js, media_store())
             await bus.serve("kefu.inference.ocr", llm_pb2.OcrRequest, self._ocr, queue="ocr", max_inflight=8)
-        path = resolve(DEFAULT_LLM, self.settings.data_dir, self.settings.llm_model)
-        self.backend = await asyncio.to_thread(LlamaCppBackend, path, n_ctx=self.settings.llm_ctx,
-                                               threads=self.settings.llm_threads)
-        self.log.info("model loaded", model=path.name)
+        self.backend = await self._backend()
+        self.log.info("model ready", backend=self.settings.llm_backend, model=self.backend.model_name)
         await ensure_stream(bus.js, llm_stream())
         psub = await bus.js.pull_subscribe(
             LLM_GENERATE, durable=CONSUMER, stream=STREAM_LLM,
@@ -81,8 +87,18 @@ class InferenceService(Service):
 
         stack.push_async_callback(stop_workers)
 
+    async def _backend(self) -> Backend:
+        s = self.settings
+        if s.llm_backend == "openai":
+            if not s.llm_openai_url or not s.llm_openai_model:
+                raise ValueError("KEFU_LLM_BACKEND=openai needs KEFU_LLM_OPENAI_URL and KEFU_LLM_OPENAI_MODEL")
+            return OpenAIBackend(s.llm_openai_url, s.llm_openai_model, api_key=s.llm_openai_api_key.get_secret_value(),
+                                 timeout=s.llm_openai_timeout)
+        path = resolve(DEFAULT_LLM, s.data_dir, s.llm_model)
+        return await asyncio.to_thread(LlamaCppBackend, path, n_ctx=s.llm_ctx, threads=s.llm_threads)
+
     def health_details(self) -> dict[str, str]:
-        return {"model": self.backend.path.name if self.backend else "", "jobs_done": str(self.jobs_done)}
+        return {"model": self.backend.model_name if self.backend else "", "jobs_done": str(self.jobs_done)}
 
     async def _ocr(self, req: llm_pb2.OcrRequest, _: Msg) -> llm_pb2.OcrReply:
         assert self.ocr is not None and self.media is not None
@@ -159,6 +175,12 @@ class InferenceService(Service):
         index = 0
         t0 = time.perf_counter()
         while (item := await queue.get()) is not None:
+            if isinstance(item, UpstreamError):
+                self.log.warning("upstream failed", job_id=job.job_id, error=str(item))
+                await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
+                    job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="unavailable",
+                    error_message=str(item)))
+                break
             if isinstance(item, Exception):
                 self.log.error("generation failed", job_id=job.job_id, error=str(item))
                 await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
@@ -166,7 +188,7 @@ class InferenceService(Service):
                     error_message="generation failed"))
                 break
             chunk = llm_pb2.GenerateChunk(job_id=job.job_id, index=index, text=item.text,  # type: ignore[attr-defined]
-                                          model=backend.path.name if item.finish_reason else "",  # type: ignore[attr-defined]
+                                          model=backend.model_name if item.finish_reason else "",  # type: ignore[attr-defined]
                                           done=bool(item.finish_reason),  # type: ignore[attr-defined]
                                           finish_reason=item.finish_reason,  # type: ignore[attr-defined]
                                           completion_tokens=item.completion_tokens)  # type: ignore[attr-defined]

@@ -1,12 +1,19 @@
-"""Model backends. The default runs a GGUF model in-process with llama-cpp-python, using the chat
-template stored in the GGUF metadata."""
+"""Model backends behind one interface (:class:`Backend`). The default, ``llama_cpp``, runs a GGUF model
+in-process with llama-cpp-python, using the chat template stored in the GGUF metadata; ``openai``
+forwards to any OpenAI-compatible upstream (vLLM, the llama.cpp server, Ollama) for when a customer
+already serves models. Either way only the allow-listed, clamped :class:`GenerationParams` reach the
+engine."""
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 # Only these sampling parameters reach the engine; anything else a client sends is dropped.
 MAX_TOKENS_LIMIT = 1024
@@ -38,6 +45,21 @@ class Piece:
     completion_tokens: int = 0
 
 
+class UpstreamError(Exception):
+    """The model upstream is unreachable or answered with an error (reported as ``unavailable``)."""
+
+
+class Backend(Protocol):
+    # What the final chunk of a job and the health reply name as the model.
+    model_name: str
+
+    def generate(self, messages: list[dict[str, str]], params: GenerationParams,
+                 cancelled: Callable[[], bool]) -> Iterator[Piece]:
+        """Yield text pieces as the model produces them, then one with ``finish_reason`` set; stop
+        within a piece once ``cancelled()`` turns true. Runs in a worker thread."""
+        ...
+
+
 class LlamaCppBackend:
     """One llama.cpp context; generations run one at a time in a worker thread."""
 
@@ -45,6 +67,7 @@ class LlamaCppBackend:
         from llama_cpp import Llama
 
         self.path = path
+        self.model_name = path.name
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                          verbose=False)
         self.lock = threading.Lock()
@@ -76,3 +99,67 @@ class LlamaCppBackend:
                     stream.close()  # type: ignore[union-attr]
                     break
             yield Piece("", finish_reason=finish or "stop", completion_tokens=completion)
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible chat completions upstream, streamed (server-sent events).
+
+    ``base_url`` is the API root (``http://vllm:8000/v1``); ``api_key`` is sent as a bearer token and
+    never logged. Each generation is one HTTP request, so replicas with several slots run jobs in
+    parallel against an upstream that batches them."""
+
+    def __init__(self, base_url: str, model: str, *, api_key: str = "", timeout: float = 60.0) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError("the OpenAI upstream URL must start with http:// or https://")
+        if not model:
+            raise ValueError("the OpenAI upstream needs a model name")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.model_name = f"openai:{model}"
+        self._api_key = api_key
+        self.timeout = timeout
+
+    def generate(self, messages: list[dict[str, str]], params: GenerationParams,
+                 cancelled: Callable[[], bool]) -> Iterator[Piece]:
+        p = params.clamped()
+        body = {"model": self.model, "messages": messages, "max_tokens": p.max_tokens, "temperature": p.temperature,
+                "top_p": p.top_p, "seed": p.seed, "stream": True}
+        if p.stop:
+            body["stop"] = p.stop
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310 (http(s) checked above)
+        except urllib.error.HTTPError as exc:
+            raise UpstreamError(f"the model upstream answered HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UpstreamError(f"the model upstream is unreachable ({reason})") from None
+        completion = 0
+        finish = ""
+        with response:
+            for raw in response:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue  # comments, keep-alives, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    event = json.loads(data)
+                except json.JSONDecodeError:
+                    raise UpstreamError("the model upstream sent a malformed event") from None
+                if event.get("error"):
+                    raise UpstreamError("the model upstream reported an error")
+                choices = event.get("choices") or [{}]
+                delta = (choices[0].get("delta") or {}).get("content") or ""
+                finish = choices[0].get("finish_reason") or finish
+                if delta:
+                    completion += 1
+                    yield Piece(delta)
+                if cancelled():
+                    finish = "cancelled"
+                    break  # closing the response tells the upstream to stop
+        yield Piece("", finish_reason=finish or "stop", completion_tokens=completion)
