@@ -107,10 +107,12 @@ class InferenceService(Service):
         except (ObjectNotFoundError, NotFoundError):
             raise NotFound(f"no media {req.media_id!r}") from None
         try:
-            text, confidence = await asyncio.to_thread(self.ocr.recognize, obj.data or b"")
+            found = await asyncio.to_thread(self.ocr.recognize, obj.data or b"")
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_image") from None
-        return llm_pb2.OcrReply(text=text, confidence=confidence)
+        return llm_pb2.OcrReply(text=found.text, confidence=found.confidence, lines=[
+            llm_pb2.OcrLine(text=line.text, confidence=line.confidence, box=[v for point in line.box for v in point])
+            for line in found.lines])
 
     async def _on_cancel(self, msg: Msg) -> None:
         job_id = msg.data.decode(errors="replace")

@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Line:
+    text: str
+    confidence: float
+    # Four corners, clockwise from the top left: ((x1, y1), ..., (x4, y4)).
+    box: tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
+class Recognition:
+    """Lines in reading order, their text joined with newlines, and the mean confidence."""
+
+    text: str
+    confidence: float
+    lines: list[Line] = field(default_factory=list)
 
 
 class OcrEngine:
@@ -16,8 +34,8 @@ class OcrEngine:
         self.engine = RapidOCR()
         self.lock = threading.Lock()
 
-    def recognize(self, image: bytes) -> tuple[str, float]:
-        """(text, mean confidence) of ``image`` (PNG or JPEG bytes); lines top to bottom.
+    def recognize(self, image: bytes) -> Recognition:
+        """The text of ``image`` (PNG or JPEG bytes), lines top to bottom, with boxes and confidences.
 
         Raises:
             ValueError: the bytes are not an image the decoder can read.
@@ -33,8 +51,9 @@ class OcrEngine:
         with self.lock:
             result, _ = self.engine(pixels)
         if not result:
-            return "", 0.0
+            return Recognition("", 0.0)
         # Reading order: by the top edge of each box, then left to right.
-        lines = sorted(result, key=lambda r: (round(min(p[1] for p in r[0]) / 10), min(p[0] for p in r[0])))
-        text = "\n".join(str(r[1]) for r in lines)
-        return text, float(np.mean([float(r[2]) for r in lines]))
+        ordered = sorted(result, key=lambda r: (round(min(p[1] for p in r[0]) / 10), min(p[0] for p in r[0])))
+        lines = [Line(str(r[1]), float(r[2]), tuple((float(x), float(y)) for x, y in r[0])) for r in ordered]
+        return Recognition("\n".join(line.text for line in lines), float(np.mean([line.confidence for line in lines])),
+                           lines)

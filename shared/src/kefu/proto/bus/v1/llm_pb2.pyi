@@ -166,20 +166,54 @@ class OcrReply(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Lines in reading order, joined with newlines."""
     confidence: _builtins.float
     """Mean recognition confidence of the lines, 0 when there is no text."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___OcrLine]:
+        """Each line with its box and confidence, in the same order."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         confidence: _builtins.float = ...,
+        lines: _abc.Iterable[Global___OcrLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "lines", b"lines", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OcrReply: _TypeAlias = OcrReply  # noqa: Y015
+
+@_typing.final
+class OcrLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    confidence: _builtins.float
+    @_builtins.property
+    def box(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The box's four corners in pixels, clockwise from the top left: x1, y1, x2, y2, x3, y3, x4, y4."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        box: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "confidence", b"confidence", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OcrLine: _TypeAlias = OcrLine  # noqa: Y015
