@@ -53,6 +53,8 @@ protos-check: $(STAMP) ## fail when the generated code is out of date
 
 bench: models ## run the benchmarks; JSON reports go to bench/results/
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.inference
+	$(BIN)/python -m bench.dialogue
 	$(BIN)/python -m bench.retrieval
 
 up: ## docker compose up (needs a Docker engine)

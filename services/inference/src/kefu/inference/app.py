@@ -42,6 +42,9 @@ class InferenceSettings(KefuSettings):
     # Jobs this replica runs at once; llama.cpp holds one sequence per context.
     llm_slots: int = Field(default=1, ge=1)
     llm_ack_wait: float = Field(default=120.0, gt=0)
+    # Reuse the KV of a prompt prefix shared with the previous job; _MB > 0 also keeps several in RAM.
+    llm_prefix_cache: bool = True
+    llm_prefix_cache_mb: int = Field(default=0, ge=0)
     # Serve kefu.inference.ocr (RapidOCR, loaded at start-up).
     ocr_enabled: bool = True
 
@@ -95,7 +98,8 @@ class InferenceService(Service):
             return OpenAIBackend(s.llm_openai_url, s.llm_openai_model, api_key=s.llm_openai_api_key.get_secret_value(),
                                  timeout=s.llm_openai_timeout)
         path = resolve(DEFAULT_LLM, s.data_dir, s.llm_model)
-        return await asyncio.to_thread(LlamaCppBackend, path, n_ctx=s.llm_ctx, threads=s.llm_threads)
+        return await asyncio.to_thread(LlamaCppBackend, path, n_ctx=s.llm_ctx, threads=s.llm_threads,
+                                       prefix_cache=s.llm_prefix_cache, cache_mb=s.llm_prefix_cache_mb)
 
     def health_details(self) -> dict[str, str]:
         return {"model": self.backend.model_name if self.backend else "", "jobs_done": str(self.jobs_done)}
