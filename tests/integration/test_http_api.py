@@ -210,6 +210,40 @@ async def test_a_visitor_goes_back_to_an_older_product_after_the_topic_moved_on(
     assert state["slots"]["product"] == "X100" and state["summary"].startswith("Earlier: ")
 
 
+async def test_a_busy_model_does_not_delay_a_grounded_answer(api, unique, bus):
+    """The LLM queue is full: the broker refuses the job at once and the cited sentence answers."""
+    import time
+
+    import nats.js.errors
+
+    from kefu.proto.bus.v1 import llm_pb2
+    from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, llm_stream
+
+    tenant = unique("busy")
+    await api.put_doc(tenant, "l2", "L2 Lamp", "The L2 desk lamp costs 129 yuan.")
+    cid, tok = await api.start(tenant)
+    filler = llm_pb2.GenerateRequest(job_id=unique("filler"), max_tokens=400, reply_inbox=unique("nobody"),
+                                     deadline_ms=int((time.time() + 60) * 1000),
+                                     messages=[llm_pb2.ChatMessage(role="user", content="Write a long story.")])
+    await bus.js.update_stream(llm_stream(max_jobs=1))
+    try:
+        for _ in range(300):  # our long job takes the one place (once any earlier job is done)
+            try:
+                await bus.js.publish(LLM_GENERATE, filler.SerializeToString())
+                break
+            except nats.js.errors.APIError:
+                await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        st, js, _ = await api.ask(cid, tok, "How much is the L2 lamp?")
+        assert st == 200 and "129 yuan" in js["reply"]["text"] and js["reply"]["source"] == "kb"
+        assert time.perf_counter() - t0 < 5  # not queued behind the 400-token job
+    finally:
+        await bus.nc.publish(LLM_CANCEL, filler.job_id.encode())
+        await bus.js.update_stream(llm_stream())
+    _, state, _ = await api.call("GET", f"/v1/conversations/{cid}", token=api.admin)
+    assert state["turns"][-1]["provenance"]["generation_error"] == "busy"
+
+
 async def test_auth_is_enforced_everywhere(api, unique):
     tenant = unique("auth")
     cid, tok = await api.start(tenant)

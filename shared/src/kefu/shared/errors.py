@@ -140,6 +140,8 @@ _REFINED: dict[str, type[KefuError]] = {
     "concurrent_update": Conflict,
     "service_unavailable": Unavailable,
     "indexing": Unavailable,
+    "busy": RateLimited,
+    "budget_exhausted": RateLimited,
 }
 
 

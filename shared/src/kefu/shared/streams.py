@@ -10,6 +10,7 @@ STREAM_LLM = "LLM"
 KV_CONV_STATE = "conv_state"
 OBJ_MEDIA = "media"
 KV_HANDOFFS = "handoffs"
+KV_LLM_BUDGET = "llm_budget"
 MAX_MEDIA_BYTES = 10 * 1024 * 1024
 
 KB_SUBJECTS = "kefu.kb.>"
@@ -45,10 +46,19 @@ def kb_stream() -> StreamConfig:
                         discard=DiscardPolicy.OLD, max_msg_size=MAX_DOCUMENT_BYTES + 64 * 1024)
 
 
-def llm_stream() -> StreamConfig:
-    """Work-queue stream LLM: each generation job goes to one inference replica, removed once acked."""
+def llm_stream(max_jobs: int = 64) -> StreamConfig:
+    """Work-queue stream LLM: each generation job goes to one inference replica, removed once acked.
+
+    At most ``max_jobs`` jobs wait or run at once; the broker refuses the next publish (discard new),
+    so a flood answers "busy" at once instead of piling up behind the model."""
     return StreamConfig(name=STREAM_LLM, subjects=[LLM_GENERATE], retention=RetentionPolicy.WORK_QUEUE,
-                        storage=StorageType.FILE, max_age=600.0, max_msg_size=1024 * 1024)
+                        storage=StorageType.FILE, max_age=600.0, max_msg_size=1024 * 1024, max_msgs=max_jobs,
+                        discard=DiscardPolicy.NEW)
+
+
+def llm_budget_kv() -> KeyValueConfig:
+    """KV bucket "llm_budget": "<tenant>.<unix minute>" -> tokens the tenant's jobs used in that minute."""
+    return KeyValueConfig(bucket=KV_LLM_BUDGET, history=1, ttl=600.0, storage=StorageType.FILE)
 
 
 def handoff_subject(tenant: str) -> str:

@@ -33,7 +33,7 @@ from kefu.dialogue.policy import (
 from kefu.dialogue.state import Provenance
 from kefu.proto.bus.v1 import llm_pb2, retrieval_pb2
 from kefu.shared.bus import Bus, decode
-from kefu.shared.errors import KefuError
+from kefu.shared.errors import KefuError, RateLimited, Unavailable, from_code
 from kefu.shared.lexicon import expansions
 from kefu.shared.logging import get_logger
 from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
@@ -53,6 +53,7 @@ class _Generation:
     prompt_sha256: str = ""
     model: str = ""
     prompt_chars: int = 0
+    error: str = ""
 
 
 @dataclass
@@ -127,9 +128,9 @@ class Answerer:
         prov = replace(prov, decision="answered", evidence=evidence.sentence,
                        required_facts=tuple(sorted(evidence.required)))
         if self.settings.llm_enabled:
-            shown, gen = await self._generate_checked(query, passages, evidence, emit, context)
+            shown, gen = await self._generate_checked(tenant, query, passages, evidence, emit, context)
             prov = replace(prov, model=gen.model, sampling=gen.sampling, prompt_sha256=gen.prompt_sha256,
-                           prompt_chars=gen.prompt_chars)
+                           prompt_chars=gen.prompt_chars, generation_error=gen.error)
             if shown:
                 sep = "" if lang(text) == "zh" else " "
                 return Answer(sep.join(shown), "llm", cited(shown, passages, evidence),
@@ -138,7 +139,7 @@ class Answerer:
         await emit(evidence.sentence)
         return Answer(evidence.sentence, "kb", [evidence.doc_id], provenance=prov)
 
-    async def _generate_checked(self, query: str, passages: list[Passage], evidence: Evidence,
+    async def _generate_checked(self, tenant: str, query: str, passages: list[Passage], evidence: Evidence,
                                 emit: Emit, context: str = "") -> tuple[list[str], _Generation]:
         """Stream the model's answer, showing each sentence only once it has passed the fact check;
         stop the model at the first sentence that fails. Returns the sentences shown."""
@@ -151,7 +152,7 @@ class Answerer:
             json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest(),
             prompt_chars=sum(len(m["content"]) for m in messages))
         try:
-            async for piece in self._generate(job_id, messages, gen):
+            async for piece in self._generate(tenant, job_id, messages, gen):
                 buffer += piece
                 sentences, buffer = split_complete(buffer)
                 for s in sentences:
@@ -168,23 +169,28 @@ class Answerer:
                 await emit((sep if shown else "") + rest)
                 shown.append(rest)
         except KefuError as exc:
-            log.warning("generation unavailable, answering from the passage", error=exc.message)
+            # Busy, over the tenant's budget or down: the cited sentence answers at once instead.
+            log.warning("generation unavailable, answering from the passage", code=exc.code, error=exc.message)
+            gen.error = exc.code
             await self._cancel(job_id)
         return shown, gen
 
-    async def _generate(self, job_id: str, messages: list[dict[str, str]], gen: _Generation) -> AsyncIterator[str]:
+    async def _generate(self, tenant: str, job_id: str, messages: list[dict[str, str]],
+                        gen: _Generation) -> AsyncIterator[str]:
         """Queue a job on the LLM work queue and yield its text pieces as they arrive at our inbox."""
         s = self.settings
         async with self.bus.inbox() as (inbox, sub):
             job = llm_pb2.GenerateRequest(
-                job_id=job_id, max_tokens=s.max_tokens, reply_inbox=inbox, **SAMPLING,
+                job_id=job_id, max_tokens=s.max_tokens, reply_inbox=inbox, tenant=tenant, **SAMPLING,
                 deadline_ms=int((time.time() + s.first_chunk_timeout + 4 * s.chunk_timeout) * 1000),
                 messages=[llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
             )
             try:
                 await self.bus.js.publish(LLM_GENERATE, job.SerializeToString(), headers={"Nats-Msg-Id": job_id})
             except Exception as exc:
-                raise KefuError(f"cannot queue generation: {exc}") from None
+                if "maximum messages" in str(exc):  # the LLM queue is full (discard new)
+                    raise RateLimited("the model is busy", code="busy", retry_after=2) from None
+                raise Unavailable(f"cannot queue generation: {exc}", code="service_unavailable") from None
             expected = 0
             timeout = s.first_chunk_timeout
             while True:
@@ -198,7 +204,7 @@ class Answerer:
                     continue  # a redelivered job replays chunks we already have
                 expected = chunk.index + 1
                 if chunk.error_code:
-                    raise KefuError(chunk.error_message or "generation failed")
+                    raise from_code(chunk.error_code, chunk.error_message or "generation failed")
                 if chunk.text:
                     yield chunk.text
                 if chunk.done:

@@ -90,13 +90,14 @@ def provenance_to_proto(p: Provenance) -> events_pb2.Provenance:
         decision=p.decision, query=p.query, keywords=list(p.keywords), chunk_ids=list(p.chunk_ids),
         versions=list(p.versions), scores=list(p.scores), evidence=p.evidence, required_facts=list(p.required_facts),
         model=p.model, sampling=p.sampling, prompt_sha256=p.prompt_sha256, generated_used=p.generated_used,
-        prompt_chars=p.prompt_chars)
+        prompt_chars=p.prompt_chars, generation_error=p.generation_error)
 
 
 def provenance_from_proto(pb: events_pb2.Provenance) -> Provenance:
     return Provenance(pb.decision, pb.query, tuple(pb.keywords), tuple(pb.chunk_ids), tuple(pb.versions),
                       tuple(round(s, 6) for s in pb.scores), pb.evidence, tuple(pb.required_facts), pb.model,
-                      pb.sampling, pb.prompt_sha256, pb.generated_used, pb.prompt_chars)
+                      pb.sampling, pb.prompt_sha256, pb.generated_used, pb.prompt_chars,
+                      pb.generation_error)
 
 
 def state_to_proto(s: State) -> turn_pb2.ConversationState:

@@ -42,6 +42,7 @@ class Provenance:
     prompt_sha256: str = ""
     generated_used: bool = False
     prompt_chars: int = 0
+    generation_error: str = ""
 
 
 @dataclass(frozen=True)

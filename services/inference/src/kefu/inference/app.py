@@ -9,21 +9,23 @@ from contextlib import AsyncExitStack, suppress
 from typing import Literal
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from pydantic import Field, SecretStr
 
 from kefu.inference.backend import Backend, GenerationParams, LlamaCppBackend, OpenAIBackend, UpstreamError
 from kefu.inference.ocr import OcrEngine
 from kefu.proto.bus.v1 import llm_pb2
-from kefu.shared.bus import Bus, decode, ensure_object_store, ensure_stream
+from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
 from kefu.shared.config import KefuSettings
 from kefu.shared.errors import BadRequest, KefuError, NotFound
 from kefu.shared.models import DEFAULT_LLM, resolve
 from kefu.shared.service import Service
-from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_stream, media_store
+from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_budget_kv, llm_stream, media_store
 
 CONSUMER = "inference"
 
@@ -45,6 +47,10 @@ class InferenceSettings(KefuSettings):
     # Reuse the KV of a prompt prefix shared with the previous job; _MB > 0 also keeps several in RAM.
     llm_prefix_cache: bool = True
     llm_prefix_cache_mb: int = Field(default=0, ge=0)
+    # Jobs waiting or running at once across all replicas; past it a job is refused as "busy".
+    llm_queue_limit: int = Field(default=64, ge=1)
+    # Tokens (prompt + completion) a tenant's jobs may use per minute across all replicas; 0: no limit.
+    llm_tenant_tokens_per_minute: int = Field(default=0, ge=0)
     # Serve kefu.inference.ocr (RapidOCR, loaded at start-up).
     ocr_enabled: bool = True
 
@@ -62,6 +68,7 @@ class InferenceService(Service):
         self._stopping = False
         self.ocr: OcrEngine | None = None
         self.media: ObjectStore | None = None
+        self.budget: KeyValue | None = None
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         if self.settings.ocr_enabled:
@@ -70,7 +77,8 @@ class InferenceService(Service):
             await bus.serve("kefu.inference.ocr", llm_pb2.OcrRequest, self._ocr, queue="ocr", max_inflight=8)
         self.backend = await self._backend()
         self.log.info("model ready", backend=self.settings.llm_backend, model=self.backend.model_name)
-        await ensure_stream(bus.js, llm_stream())
+        await ensure_stream(bus.js, llm_stream(self.settings.llm_queue_limit))
+        self.budget = await ensure_kv(bus.js, llm_budget_kv())
         psub = await bus.js.pull_subscribe(
             LLM_GENERATE, durable=CONSUMER, stream=STREAM_LLM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.llm_ack_wait,
@@ -100,6 +108,40 @@ class InferenceService(Service):
         path = resolve(DEFAULT_LLM, s.data_dir, s.llm_model)
         return await asyncio.to_thread(LlamaCppBackend, path, n_ctx=s.llm_ctx, threads=s.llm_threads,
                                        prefix_cache=s.llm_prefix_cache, cache_mb=s.llm_prefix_cache_mb)
+
+    @staticmethod
+    def _budget_key(tenant: str) -> str:
+        return f"{subject_token(tenant)}.{int(time.time() // 60)}"
+
+    async def _within_budget(self, tenant: str) -> bool:
+        """Whether ``tenant`` has tokens left this minute (always, without a budget)."""
+        limit = self.settings.llm_tenant_tokens_per_minute
+        if not limit or self.budget is None:
+            return True
+        try:
+            entry = await self.budget.get(self._budget_key(tenant))
+        except KeyNotFoundError:
+            return True
+        return int(entry.value or b"0") < limit
+
+    async def _spend(self, tenant: str, tokens: int) -> None:
+        """Add ``tokens`` to the tenant's count for this minute (compare-and-set: replicas share it)."""
+        assert self.budget is not None
+        key = self._budget_key(tenant)
+        for _ in range(10):
+            try:
+                try:
+                    entry = await self.budget.get(key)
+                except KeyNotFoundError:
+                    await self.budget.create(key, str(tokens).encode())
+                    return
+                await self.budget.update(key, str(int(entry.value or b"0") + tokens).encode(), last=entry.revision)
+                return
+            except (KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                continue  # another replica spent at the same time: read again
+            except Exception as exc:
+                self.log.warning("budget not updated", tenant=tenant, error=str(exc))
+                return
 
     def health_details(self) -> dict[str, str]:
         return {"model": self.backend.model_name if self.backend else "", "jobs_done": str(self.jobs_done)}
@@ -156,6 +198,11 @@ class InferenceService(Service):
         if job.deadline_ms and job.deadline_ms < time.time() * 1000:
             self.log.info("dropped expired job", job_id=job.job_id)
             return
+        if job.tenant and not await self._within_budget(job.tenant):
+            await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
+                job_id=job.job_id, done=True, finish_reason="error", error_code="budget_exhausted",
+                error_message=f"tenant {job.tenant!r} used its tokens for this minute"))
+            return
         assert self.backend is not None
         backend = self.backend
         params = GenerationParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
@@ -179,6 +226,7 @@ class InferenceService(Service):
 
         producer = loop.run_in_executor(None, produce)
         index = 0
+        used = 0
         t0 = time.perf_counter()
         while (item := await queue.get()) is not None:
             if isinstance(item, UpstreamError):
@@ -197,9 +245,13 @@ class InferenceService(Service):
                                           model=backend.model_name if item.finish_reason else "",  # type: ignore[attr-defined]
                                           done=bool(item.finish_reason),  # type: ignore[attr-defined]
                                           finish_reason=item.finish_reason,  # type: ignore[attr-defined]
+                                          prompt_tokens=item.prompt_tokens,  # type: ignore[attr-defined]
                                           completion_tokens=item.completion_tokens)  # type: ignore[attr-defined]
+            used = item.prompt_tokens + item.completion_tokens  # type: ignore[attr-defined]
             await bus.publish(job.reply_inbox, chunk)
             index += 1
         await producer
+        if job.tenant and self.settings.llm_tenant_tokens_per_minute:
+            await self._spend(job.tenant, used)
         self.jobs_done += 1
         self.log.info("job done", job_id=job.job_id, chunks=index, s=round(time.perf_counter() - t0, 2))

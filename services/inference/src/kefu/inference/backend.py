@@ -111,7 +111,8 @@ class LlamaCppBackend:
                     finish = "cancelled"
                     stream.close()  # type: ignore[union-attr]
                     break
-            yield Piece("", finish_reason=finish or "stop", completion_tokens=completion)
+            prompt = sum(self.count_tokens(m.get("content", "")) for m in messages)
+            yield Piece("", finish_reason=finish or "stop", prompt_tokens=prompt, completion_tokens=completion)
 
 
 class OpenAIBackend:
@@ -175,4 +176,6 @@ class OpenAIBackend:
                 if cancelled():
                     finish = "cancelled"
                     break  # closing the response tells the upstream to stop
-        yield Piece("", finish_reason=finish or "stop", completion_tokens=completion)
+        # Upstreams do not all report usage when streaming: about 4 characters a token.
+        prompt = sum(len(m.get("content", "")) for m in messages) // 4
+        yield Piece("", finish_reason=finish or "stop", prompt_tokens=prompt, completion_tokens=completion)

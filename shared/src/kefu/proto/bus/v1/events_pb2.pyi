@@ -268,6 +268,7 @@ class Provenance(_message.Message):
     PROMPT_SHA256_FIELD_NUMBER: _builtins.int
     GENERATED_USED_FIELD_NUMBER: _builtins.int
     PROMPT_CHARS_FIELD_NUMBER: _builtins.int
+    GENERATION_ERROR_FIELD_NUMBER: _builtins.int
     decision: _builtins.str
     """answered, no_answer, handoff, human_mode, ..."""
     query: _builtins.str
@@ -281,6 +282,10 @@ class Provenance(_message.Message):
     generated_used: _builtins.bool
     prompt_chars: _builtins.int
     """Size of the prompt in characters: it stays bounded however long the conversation is."""
+    generation_error: _builtins.str
+    """Why the model's text was not used when it was not: the generation's error code (busy,
+    budget_exhausted, unavailable, ...) or "" (the text failed the fact check, or no model).
+    """
     @_builtins.property
     def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -309,10 +314,11 @@ class Provenance(_message.Message):
         prompt_sha256: _builtins.str = ...,
         generated_used: _builtins.bool = ...,
         prompt_chars: _builtins.int = ...,
+        generation_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ids", b"chunk_ids", "decision", b"decision", "evidence", b"evidence", "generated_used", b"generated_used", "keywords", b"keywords", "model", b"model", "prompt_chars", b"prompt_chars", "prompt_sha256", b"prompt_sha256", "query", b"query", "required_facts", b"required_facts", "sampling", b"sampling", "scores", b"scores", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ids", b"chunk_ids", "decision", b"decision", "evidence", b"evidence", "generated_used", b"generated_used", "generation_error", b"generation_error", "keywords", b"keywords", "model", b"model", "prompt_chars", b"prompt_chars", "prompt_sha256", b"prompt_sha256", "query", b"query", "required_facts", b"required_facts", "sampling", b"sampling", "scores", b"scores", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

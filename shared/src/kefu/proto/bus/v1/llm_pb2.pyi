@@ -57,6 +57,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     REPLY_INBOX_FIELD_NUMBER: _builtins.int
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     max_tokens: _builtins.int
     temperature: _builtins.float
@@ -66,6 +67,8 @@ class GenerateRequest(_message.Message):
     """Core NATS subject the chunks are published to."""
     deadline_ms: _builtins.int
     """Unix ms after which nobody waits for the answer: the job is dropped."""
+    tenant: _builtins.str
+    """Whose job it is: the tenant's token budget (KEFU_LLM_TENANT_TOKENS_PER_MINUTE) pays for it."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
@@ -82,10 +85,11 @@ class GenerateRequest(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         reply_inbox: _builtins.str = ...,
         deadline_ms: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "job_id", b"job_id", "max_tokens", b"max_tokens", "messages", b"messages", "reply_inbox", b"reply_inbox", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "job_id", b"job_id", "max_tokens", b"max_tokens", "messages", b"messages", "reply_inbox", b"reply_inbox", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "tenant", b"tenant", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
