@@ -53,3 +53,19 @@ def test_override_must_exist(tmp_path):
     own = tmp_path / "own.gguf"
     own.write_bytes(b"GGUF")
     assert models.resolve(models.DEFAULT_LLM, tmp_path, str(own)) == own
+
+
+def test_list_and_verify_catch_a_changed_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("KEFU_MODELS_DIR", raising=False)
+    directory = models.models_dir(tmp_path)
+    models.pull(directory)
+    (directory / "mine.gguf").write_bytes(b"GGUF" + b"\0" * 16)
+    listed = {e.name: e for e in models.inventory(directory)}
+    assert listed[models.DEFAULT_LLM.name].kind == "llm" and listed[models.DEFAULT_LLM.name].size > 50 * 2**20
+    assert listed["mine.gguf"].source == "local" and not listed["mine.gguf"].sha256
+    assert models.verify(directory) == []
+    victim = directory / models.DEFAULT_LLM.name
+    data = victim.read_bytes()
+    victim.unlink()  # a hard link to the package: replace, never write through it
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit
+    assert models.verify(directory) == [(models.DEFAULT_LLM.name, "checksum does not match the manifest")]

@@ -1,7 +1,8 @@
 """``kefu`` — run the stack and talk to it.
 
     kefu up [--http-port 8080] [--grpc-port 50051] [--nats-url URL] [--data-dir .kefu] [--services all]
-    kefu models pull [--data-dir .kefu]
+    kefu models pull|list|verify [--data-dir .kefu]
+    kefu models quantize SOURCE.gguf TARGET.gguf [--type Q4_K_M]
     kefu kb import PATH... --tenant T
     kefu kb search QUERY --tenant T [-k 5]
     kefu replay CONVERSATION_ID [--at-seq N]
@@ -58,6 +59,15 @@ def parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True)
     pull = msub.add_parser("pull", help="put the default models into the models directory (offline)")
     _data_dir_arg(pull)
+    listing = msub.add_parser("list", help="the models in the models directory, with sizes and checksums")
+    _data_dir_arg(listing)
+    check = msub.add_parser("verify", help="re-check every model against the checksums of its manifest")
+    _data_dir_arg(check)
+    quant = msub.add_parser("quantize", help="re-quantize a GGUF model with llama.cpp (e.g. F16 -> Q4_K_M)")
+    quant.add_argument("source", type=Path, help="the GGUF model to read")
+    quant.add_argument("target", type=Path, help="the GGUF file to write")
+    quant.add_argument("--type", default="Q4_K_M", help="Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_M, Q4_K_S, "
+                                                        "Q4_K_M (default), Q5_K_S, Q5_K_M, Q6_K or F16")
 
     kb = sub.add_parser("kb", help="knowledge base")
     kbsub = kb.add_subparsers(dest="kb_command", required=True)
@@ -95,6 +105,38 @@ def kb_search(c: client.Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def models_command(args: argparse.Namespace) -> int:
+    """kefu models list | verify | quantize."""
+    from kefu.shared.models import inventory, models_dir, verify
+
+    if args.models_command == "list":
+        entries = inventory(models_dir(args.data_dir))
+        for e in entries:
+            checksum = f"sha256:{e.sha256[:16]}…" if e.sha256 else "not in the manifest"
+            print(f"{e.name}  {e.kind or '?'}  {e.size / 2**20:.1f} MiB  {checksum}  ({e.source})")
+        if not entries:
+            print(f"no models in {models_dir(args.data_dir)}: run `kefu models pull`")
+        return 0
+    if args.models_command == "verify":
+        directory = models_dir(args.data_dir)
+        problems = verify(directory)
+        for name, problem in problems:
+            print(f"FAIL {name}: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"all models in {directory} match their checksums")
+        return 1 if problems else 0
+    from kefu.inference.quantize import QuantizeError, quantize
+
+    try:
+        out = quantize(args.source, args.target, args.type)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type.upper()}); "
+          f"use it with KEFU_LLM_MODEL={out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "up":
@@ -108,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return up(http_port=args.http_port, grpc_port=args.grpc_port, nats_url=args.nats_url,
                   data_dir=args.data_dir, services=services, host=args.host)
+    if args.command == "models" and args.models_command != "pull":
+        return models_command(args)
     if args.command == "models":
         from kefu.shared.models import ModelError, models_dir, pull
 

@@ -144,3 +144,45 @@ def resolve(spec: ModelSpec, data_dir: Path, override: str | None = None) -> Pat
     if recorded is None or sha256_path(path) != recorded:
         raise ModelError(f"{path} does not match the checksum in {directory / MANIFEST}: run `kefu models pull`")
     return path
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model in the models directory: recorded ones have a kind and a checksum in the manifest."""
+
+    name: str
+    kind: str
+    size: int
+    sha256: str
+    source: str
+
+
+def inventory(directory: Path) -> list[ModelEntry]:
+    """The models in ``directory``: those of the manifest, then any other GGUF file or model folder."""
+    manifest = _read_manifest(directory)
+    out = [ModelEntry(name, entry.get("kind", ""), _size(directory / name), entry.get("sha256", ""),
+                      entry.get("source", "")) for name, entry in sorted(manifest.items())]
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if path.name not in manifest and not path.name.startswith(".") and path.name != MANIFEST:
+                out.append(ModelEntry(path.name, "llm" if path.suffix == ".gguf" else "", _size(path), "", "local"))
+    return out
+
+
+def verify(directory: Path) -> list[tuple[str, str]]:
+    """Re-hash every model of the manifest: (name, problem) for each one that is missing or changed
+    (an empty list: all good)."""
+    problems = []
+    for name, entry in sorted(_read_manifest(directory).items()):
+        path = directory / name
+        if not path.exists():
+            problems.append((name, "missing"))
+        elif sha256_path(path) != entry.get("sha256"):
+            problems.append((name, "checksum does not match the manifest"))
+    return problems
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
