@@ -19,10 +19,15 @@ async def run_job(bus, inbox, sub, *, max_tokens=24, deadline_s=60.0, content="S
     return job
 
 
-async def collect(sub, timeout=60):
+async def collect(sub, timeout=60, heartbeats=None):
+    """The job's chunks (heartbeats, which carry no index, are counted into ``heartbeats`` if given)."""
     chunks = []
     while True:
         chunk = llm_pb2.GenerateChunk.FromString((await sub.next_msg(timeout=timeout)).data)
+        if chunk.heartbeat:
+            if heartbeats is not None:
+                heartbeats.append(chunk)
+            continue
         chunks.append(chunk)
         if chunk.done:
             return chunks
@@ -66,3 +71,12 @@ async def test_expired_and_malformed_jobs_are_dropped_and_service_keeps_working(
             assert (await collect(sub2))[-1].done
         with pytest.raises(nats.errors.TimeoutError):  # the expired job produced nothing
             await sub.next_msg(timeout=0.5)
+
+
+async def test_a_running_job_sends_heartbeats_so_a_dead_replica_is_noticed(stack, bus):
+    heartbeats = []
+    async with bus.inbox() as (inbox, sub):
+        job = await run_job(bus, inbox, sub, max_tokens=200, content="Write a long story about a lamp.")
+        chunks = await collect(sub, heartbeats=heartbeats)
+    assert heartbeats and all(h.job_id == job.job_id and not h.text and not h.done for h in heartbeats)
+    assert [c.index for c in chunks] == list(range(len(chunks)))  # heartbeats take no place in the order

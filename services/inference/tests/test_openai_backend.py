@@ -119,5 +119,7 @@ async def generate(bus: Bus) -> list[llm_pb2.GenerateChunk]:
         await bus.js.publish(LLM_GENERATE, job.SerializeToString())
         chunks = []
         while not chunks or not chunks[-1].done:
-            chunks.append(llm_pb2.GenerateChunk.FromString((await sub.next_msg(timeout=60)).data))
+            chunk = llm_pb2.GenerateChunk.FromString((await sub.next_msg(timeout=60)).data)
+            if not chunk.heartbeat:
+                chunks.append(chunk)
         return chunks

@@ -141,6 +141,7 @@ _REFINED: dict[str, type[KefuError]] = {
     "service_unavailable": Unavailable,
     "indexing": Unavailable,
     "busy": RateLimited,
+    "model_timeout": DeadlineExceeded,
     "budget_exhausted": RateLimited,
 }
 

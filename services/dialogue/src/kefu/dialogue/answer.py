@@ -33,7 +33,7 @@ from kefu.dialogue.policy import (
 from kefu.dialogue.state import Provenance
 from kefu.proto.bus.v1 import llm_pb2, retrieval_pb2
 from kefu.shared.bus import Bus, decode
-from kefu.shared.errors import KefuError, RateLimited, Unavailable, from_code
+from kefu.shared.errors import DeadlineExceeded, KefuError, RateLimited, Unavailable, from_code
 from kefu.shared.lexicon import expansions
 from kefu.shared.logging import get_logger
 from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
@@ -70,9 +70,11 @@ class AnswerSettings:
     search_k: int = 8
     expand_docs: int = 2
     max_tokens: int = 96
-    first_chunk_timeout: float = 20.0
+    # How long a job may wait for a free replica, then how long a running job may be silent (its
+    # replica sends a heartbeat every second): past either, the cited sentence answers.
+    first_chunk_timeout: float = 4.0
     search_timeout: float = 40.0
-    chunk_timeout: float = 10.0
+    chunk_timeout: float = 3.0
     llm_enabled: bool = True
 
 
@@ -197,9 +199,12 @@ class Answerer:
                 try:
                     msg = await sub.next_msg(timeout=timeout)
                 except (TimeoutError, nats.errors.TimeoutError):
-                    raise KefuError("the model did not answer in time") from None
+                    # No free replica in time, or the replica's heartbeats stopped (it died).
+                    raise DeadlineExceeded("the model did not answer in time", code="model_timeout") from None
                 chunk = decode(llm_pb2.GenerateChunk, msg.data)
                 timeout = s.chunk_timeout
+                if chunk.heartbeat:
+                    continue
                 if chunk.index < expected:
                     continue  # a redelivered job replays chunks we already have
                 expected = chunk.index + 1

@@ -37,7 +37,7 @@ APPEND_RETRIES = 5
 class DialogueSettings(KefuSettings):
     search_k: int = Field(default=8, ge=1, le=20)
     llm_max_tokens: int = Field(default=96, ge=8, le=1024)
-    llm_first_chunk_timeout: float = Field(default=20.0, gt=0)
+    llm_first_chunk_timeout: float = Field(default=4.0, gt=0)
     llm_enabled: bool = True
     ocr_timeout: float = Field(default=60.0, gt=0)
     # Gloss questions into the other language (CC-CEDICT) for the keyword lane.

@@ -28,6 +28,7 @@ from kefu.shared.service import Service
 from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_budget_kv, llm_stream, media_store
 
 CONSUMER = "inference"
+HEARTBEAT_S = 1.0
 
 
 class InferenceSettings(KefuSettings):
@@ -43,7 +44,8 @@ class InferenceSettings(KefuSettings):
     llm_ctx: int = Field(default=2048, ge=256)
     # Jobs this replica runs at once; llama.cpp holds one sequence per context.
     llm_slots: int = Field(default=1, ge=1)
-    llm_ack_wait: float = Field(default=120.0, gt=0)
+    # A job whose replica stops acknowledging progress (it sends one every second) goes to another.
+    llm_ack_wait: float = Field(default=10.0, gt=2)
     # Reuse the KV of a prompt prefix shared with the previous job; _MB > 0 also keeps several in RAM.
     llm_prefix_cache: bool = True
     llm_prefix_cache_mb: int = Field(default=0, ge=0)
@@ -198,6 +200,24 @@ class InferenceService(Service):
         if job.deadline_ms and job.deadline_ms < time.time() * 1000:
             self.log.info("dropped expired job", job_id=job.job_id)
             return
+        if job.job_id in self.cancelled:  # e.g. redelivered after its replica died and its requester gave up
+            self.log.info("dropped cancelled job", job_id=job.job_id)
+            return
+        alive = asyncio.create_task(self._heartbeat(bus, msg, job))
+        try:
+            await self._generate(bus, job)
+        finally:
+            alive.cancel()
+
+    async def _heartbeat(self, bus: Bus, msg: Msg, job: llm_pb2.GenerateRequest) -> None:
+        """Tell the requester the job is alive, and JetStream not to redeliver it, every second."""
+        while True:
+            with suppress(Exception):
+                await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(job_id=job.job_id, heartbeat=True))
+                await msg.in_progress()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _generate(self, bus: Bus, job: llm_pb2.GenerateRequest) -> None:
         if job.tenant and not await self._within_budget(job.tenant):
             await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
                 job_id=job.job_id, done=True, finish_reason="error", error_code="budget_exhausted",

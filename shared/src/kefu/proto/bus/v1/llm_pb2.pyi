@@ -109,6 +109,7 @@ class GenerateChunk(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     index: _builtins.int
     text: _builtins.str
@@ -121,6 +122,10 @@ class GenerateChunk(_message.Message):
     error_message: _builtins.str
     model: _builtins.str
     """On the last chunk: the model that produced the text (file name)."""
+    heartbeat: _builtins.bool
+    """No text: the job is running on a live replica (sent when it starts and every second after), so a
+    requester that hears nothing for a few seconds knows the replica is gone. Carries no index.
+    """
     def __init__(
         self,
         *,
@@ -134,10 +139,11 @@ class GenerateChunk(_message.Message):
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
         model: _builtins.str = ...,
+        heartbeat: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "done", b"done", "error_code", b"error_code", "error_message", b"error_message", "finish_reason", b"finish_reason", "index", b"index", "job_id", b"job_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "done", b"done", "error_code", b"error_code", "error_message", b"error_message", "finish_reason", b"finish_reason", "heartbeat", b"heartbeat", "index", b"index", "job_id", b"job_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
