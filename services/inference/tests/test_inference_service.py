@@ -80,3 +80,38 @@ async def test_a_running_job_sends_heartbeats_so_a_dead_replica_is_noticed(stack
         chunks = await collect(sub, heartbeats=heartbeats)
     assert heartbeats and all(h.job_id == job.job_id and not h.text and not h.done for h in heartbeats)
     assert [c.index for c in chunks] == list(range(len(chunks)))  # heartbeats take no place in the order
+
+
+async def test_a_json_schema_constrains_the_output(stack, bus):
+    import json
+
+    schema = {"type": "object", "properties": {"product": {"type": "string"}, "quantity": {"type": "integer"}},
+              "required": ["product", "quantity"]}
+    async with bus.inbox() as (inbox, sub):
+        job = llm_pb2.GenerateRequest(
+            job_id=uuid.uuid4().hex, max_tokens=64, reply_inbox=inbox, temperature=0, json_schema=json.dumps(schema),
+            deadline_ms=int((time.time() + 60) * 1000), messages=[llm_pb2.ChatMessage(
+                role="user", content="I want to buy two X100 phones. Give the product and the quantity as JSON.")])
+        await bus.js.publish(LLM_GENERATE, job.SerializeToString())
+        chunks = await collect(sub)
+    out = json.loads("".join(c.text for c in chunks))
+    assert isinstance(out["product"], str) and isinstance(out["quantity"], int)
+
+
+async def test_an_invalid_grammar_is_a_typed_error_and_never_reaches_the_engine(stack, bus):
+    # llama.cpp's sampler crashes the process on a grammar it cannot parse: the service checks first.
+    for constraint in ({"grammar": "root ::= ( unclosed"}, {"json_schema": '{"type": "nonsense"}'},
+                       {"json_schema": "not json"}):
+        async with bus.inbox() as (inbox, sub):
+            job = llm_pb2.GenerateRequest(job_id=uuid.uuid4().hex, max_tokens=8, reply_inbox=inbox,
+                                          deadline_ms=int((time.time() + 60) * 1000), **constraint,
+                                          messages=[llm_pb2.ChatMessage(role="user", content="Is it blue?")])
+            await bus.js.publish(LLM_GENERATE, job.SerializeToString())
+            [last] = await collect(sub)
+        assert last.done and last.error_code == "invalid_field", constraint
+    async with bus.inbox() as (inbox, sub):  # still serving
+        job = llm_pb2.GenerateRequest(job_id=uuid.uuid4().hex, max_tokens=8, reply_inbox=inbox,
+                                      grammar='root ::= "yes" | "no"', deadline_ms=int((time.time() + 60) * 1000),
+                                      messages=[llm_pb2.ChatMessage(role="user", content="Is the sky blue?")])
+        await bus.js.publish(LLM_GENERATE, job.SerializeToString())
+        assert "".join(c.text for c in await collect(sub)) in ("yes", "no")

@@ -17,7 +17,14 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from pydantic import Field, SecretStr
 
-from kefu.inference.backend import Backend, GenerationParams, LlamaCppBackend, OpenAIBackend, UpstreamError
+from kefu.inference.backend import (
+    Backend,
+    BadParams,
+    GenerationParams,
+    LlamaCppBackend,
+    OpenAIBackend,
+    UpstreamError,
+)
 from kefu.inference.ocr import OcrEngine
 from kefu.proto.bus.v1 import llm_pb2
 from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
@@ -226,7 +233,8 @@ class InferenceService(Service):
         assert self.backend is not None
         backend = self.backend
         params = GenerationParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                                  seed=job.seed, stop=list(job.stop))
+                                  seed=job.seed, stop=list(job.stop), json_schema=job.json_schema,
+                                  grammar=job.grammar)
         messages = [{"role": m.role, "content": m.content} for m in job.messages
                     if m.role in ("system", "user", "assistant")]
         loop = asyncio.get_running_loop()
@@ -249,6 +257,11 @@ class InferenceService(Service):
         used = 0
         t0 = time.perf_counter()
         while (item := await queue.get()) is not None:
+            if isinstance(item, BadParams):
+                await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
+                    job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="invalid_field",
+                    error_message=str(item)))
+                break
             if isinstance(item, UpstreamError):
                 self.log.warning("upstream failed", job_id=job.job_id, error=str(item))
                 await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(

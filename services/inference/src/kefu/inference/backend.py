@@ -6,6 +6,7 @@ engine."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import urllib.error
@@ -17,6 +18,11 @@ from typing import Protocol
 
 # Only these sampling parameters reach the engine; anything else a client sends is dropped.
 MAX_TOKENS_LIMIT = 1024
+MAX_CONSTRAINT_CHARS = 16384
+
+
+class BadParams(ValueError):
+    """A job's parameters cannot be used (an invalid schema or grammar): reported as invalid_field."""
 
 
 @dataclass
@@ -26,14 +32,31 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    # Constrained output: a JSON Schema (text) or a GBNF grammar, at most one.
+    json_schema: str = ""
+    grammar: str = ""
 
     def clamped(self) -> GenerationParams:
+        """The parameters the engine may see: bounded, and constraints checked (BadParams if invalid)."""
+        if self.json_schema and self.grammar:
+            raise BadParams("give a JSON schema or a grammar, not both")
+        if len(self.json_schema) > MAX_CONSTRAINT_CHARS or len(self.grammar) > MAX_CONSTRAINT_CHARS:
+            raise BadParams(f"a schema or grammar is at most {MAX_CONSTRAINT_CHARS} characters")
+        if self.json_schema:
+            try:
+                schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as exc:
+                raise BadParams(f"json_schema is not JSON: {exc.msg}") from None
+            if not isinstance(schema, dict):
+                raise BadParams("json_schema must be a JSON object")
         return GenerationParams(
             max_tokens=min(max(self.max_tokens or 256, 1), MAX_TOKENS_LIMIT),
             temperature=min(max(self.temperature, 0.0), 2.0),
             top_p=min(max(self.top_p or 1.0, 0.0), 1.0),
             seed=self.seed,
             stop=[s for s in self.stop if s][:8],
+            json_schema=self.json_schema,
+            grammar=self.grammar,
         )
 
 
@@ -47,6 +70,16 @@ class Piece:
 
 class UpstreamError(Exception):
     """The model upstream is unreachable or answered with an error (reported as ``unavailable``)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_grammar(json_schema: str, gbnf: str):  # noqa: ANN202
+    """A compiled grammar, cached: the same schema comes with every job of a task."""
+    from llama_cpp import LlamaGrammar
+
+    if json_schema:
+        return LlamaGrammar.from_json_schema(json_schema, verbose=False)
+    return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 class Backend(Protocol):
@@ -83,6 +116,25 @@ class LlamaCppBackend:
             self.llm.set_cache(LlamaRAMCache(capacity_bytes=cache_mb << 20))
         self.lock = threading.Lock()
 
+    def _grammar(self, p: GenerationParams):  # noqa: ANN202 (llama_cpp.LlamaGrammar, imported lazily)
+        """The compiled constraint, checked by llama.cpp's own parser first: an invalid grammar handed
+        to the sampler crashes the process (it segfaults), so it must never get that far."""
+        if not p.json_schema and not p.grammar:
+            return None
+        what = "JSON schema" if p.json_schema else "grammar"
+        try:
+            grammar = _compiled_grammar(p.json_schema, p.grammar)
+        except Exception as exc:  # the schema converter asserts on what it does not know
+            raise BadParams(f"the {what} cannot be used: {exc}") from None
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, grammar._grammar.encode(),
+                                                       grammar._root.encode())
+        if not sampler:
+            raise BadParams(f"the {what} does not parse (GBNF)")
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
+
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
 
@@ -90,13 +142,14 @@ class LlamaCppBackend:
                  cancelled: Callable[[], bool]) -> Iterator[Piece]:
         """Yield text pieces as the model produces them; stops early when ``cancelled()`` turns true."""
         p = params.clamped()
+        grammar = self._grammar(p)
         with self.lock:
             if not self.prefix_cache:
                 self.llm.reset()  # forget the previous prompt: evaluate this one from its first token
             stream = self.llm.create_chat_completion(
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                stop=p.stop or None, stream=True,
+                stop=p.stop or None, stream=True, grammar=grammar,
             )
             completion = 0
             finish = ""
@@ -140,6 +193,10 @@ class OpenAIBackend:
                 "top_p": p.top_p, "seed": p.seed, "stream": True}
         if p.stop:
             body["stop"] = p.stop
+        if p.json_schema:  # the llama.cpp server's form; vLLM and Ollama accept it too
+            body["response_format"] = {"type": "json_object", "schema": json.loads(p.json_schema)}
+        elif p.grammar:
+            body["grammar"] = p.grammar
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kefu/bus/v1/llm.proto\x12\x0bkefu.bus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdb\x01\n\x0fGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.kefu.bus.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x13\n\x0breply_inbox\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\x03\x12\x0e\n\x06tenant\x18\n \x01(\t\"\xe0\x01\n\rGenerateChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x11\n\theartbeat\x18\x0b \x01(\x08\"\x1e\n\nOcrRequest\x12\x10\n\x08media_id\x18\x01 \x01(\t\"Q\n\x08OcrReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12#\n\x05lines\x18\x03 \x03(\x0b\x32\x14.kefu.bus.v1.OcrLine\"8\n\x07OcrLine\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x0b\n\x03\x62ox\x18\x03 \x03(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kefu/bus/v1/llm.proto\x12\x0bkefu.bus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x81\x02\n\x0fGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.kefu.bus.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x13\n\x0breply_inbox\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\x03\x12\x0e\n\x06tenant\x18\n \x01(\t\x12\x13\n\x0bjson_schema\x18\x0b \x01(\t\x12\x0f\n\x07grammar\x18\x0c \x01(\t\"\xe0\x01\n\rGenerateChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x11\n\theartbeat\x18\x0b \x01(\x08\"\x1e\n\nOcrRequest\x12\x10\n\x08media_id\x18\x01 \x01(\t\"Q\n\x08OcrReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12#\n\x05lines\x18\x03 \x03(\x0b\x32\x14.kefu.bus.v1.OcrLine\"8\n\x07OcrLine\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x0b\n\x03\x62ox\x18\x03 \x03(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=38
   _globals['_CHATMESSAGE']._serialized_end=82
   _globals['_GENERATEREQUEST']._serialized_start=85
-  _globals['_GENERATEREQUEST']._serialized_end=304
-  _globals['_GENERATECHUNK']._serialized_start=307
-  _globals['_GENERATECHUNK']._serialized_end=531
-  _globals['_OCRREQUEST']._serialized_start=533
-  _globals['_OCRREQUEST']._serialized_end=563
-  _globals['_OCRREPLY']._serialized_start=565
-  _globals['_OCRREPLY']._serialized_end=646
-  _globals['_OCRLINE']._serialized_start=648
-  _globals['_OCRLINE']._serialized_end=704
+  _globals['_GENERATEREQUEST']._serialized_end=342
+  _globals['_GENERATECHUNK']._serialized_start=345
+  _globals['_GENERATECHUNK']._serialized_end=569
+  _globals['_OCRREQUEST']._serialized_start=571
+  _globals['_OCRREQUEST']._serialized_end=601
+  _globals['_OCRREPLY']._serialized_start=603
+  _globals['_OCRREPLY']._serialized_end=684
+  _globals['_OCRLINE']._serialized_start=686
+  _globals['_OCRLINE']._serialized_end=742
 # @@protoc_insertion_point(module_scope)

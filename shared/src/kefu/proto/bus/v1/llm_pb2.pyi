@@ -58,6 +58,8 @@ class GenerateRequest(_message.Message):
     REPLY_INBOX_FIELD_NUMBER: _builtins.int
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    GRAMMAR_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     max_tokens: _builtins.int
     temperature: _builtins.float
@@ -69,6 +71,11 @@ class GenerateRequest(_message.Message):
     """Unix ms after which nobody waits for the answer: the job is dropped."""
     tenant: _builtins.str
     """Whose job it is: the tenant's token budget (KEFU_LLM_TENANT_TOKENS_PER_MINUTE) pays for it."""
+    json_schema: _builtins.str
+    """Constrained output, at most one of: a JSON Schema (the text is JSON that validates against it) or
+    a GBNF grammar. For structured tasks (slots, tool arguments); an invalid one is an invalid_field error.
+    """
+    grammar: _builtins.str
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
@@ -86,10 +93,12 @@ class GenerateRequest(_message.Message):
         reply_inbox: _builtins.str = ...,
         deadline_ms: _builtins.int = ...,
         tenant: _builtins.str = ...,
+        json_schema: _builtins.str = ...,
+        grammar: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "job_id", b"job_id", "max_tokens", b"max_tokens", "messages", b"messages", "reply_inbox", b"reply_inbox", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "tenant", b"tenant", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "grammar", b"grammar", "job_id", b"job_id", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "messages", b"messages", "reply_inbox", b"reply_inbox", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "tenant", b"tenant", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
