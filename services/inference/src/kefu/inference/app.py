@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack, suppress
+from pathlib import Path
 from typing import Literal
 
 import nats.errors
@@ -23,6 +24,7 @@ from kefu.inference.backend import (
     GenerationParams,
     LlamaCppBackend,
     OpenAIBackend,
+    Piece,
     UpstreamError,
 )
 from kefu.inference.ocr import OcrEngine
@@ -35,6 +37,7 @@ from kefu.shared.service import Service
 from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_budget_kv, llm_stream, media_store
 
 CONSUMER = "inference"
+_NOTHING = object()
 HEARTBEAT_S = 1.0
 
 
@@ -60,6 +63,22 @@ class InferenceSettings(KefuSettings):
     llm_queue_limit: int = Field(default=64, ge=1)
     # Tokens (prompt + completion) a tenant's jobs may use per minute across all replicas; 0: no limit.
     llm_tenant_tokens_per_minute: int = Field(default=0, ge=0)
+    # LoRA adapters per tenant: "acme=/models/acme.gguf,globex=/models/globex.gguf@0.5" (scale after @).
+    llm_lora: str = ""
+
+    def lora_adapters(self) -> dict[str, tuple[Path, float]]:
+        """tenant -> (adapter path, scale), from ``llm_lora``."""
+        out = {}
+        for item in filter(None, (part.strip() for part in self.llm_lora.split(","))):
+            tenant, sep, rest = item.partition("=")
+            path, _, scale = rest.partition("@")
+            if not sep or not tenant.strip() or not path.strip():
+                raise ValueError(f"KEFU_LLM_LORA: {item!r} is not tenant=path[@scale]")
+            try:
+                out[tenant.strip()] = (Path(path.strip()).expanduser(), float(scale) if scale else 1.0)
+            except ValueError:
+                raise ValueError(f"KEFU_LLM_LORA: {item!r} has a scale that is not a number") from None
+        return out
     # Serve kefu.inference.ocr (RapidOCR, loaded at start-up).
     ocr_enabled: bool = True
 
@@ -72,6 +91,8 @@ class InferenceService(Service):
     def __init__(self, settings: InferenceSettings | None = None) -> None:
         super().__init__(settings)
         self.backend: Backend | None = None
+        # Tenants with their own LoRA adapter get their own engine (same weights, memory-mapped).
+        self.tenant_backends: dict[str, Backend] = {}
         self.cancelled: set[str] = set()
         self.jobs_done = 0
         self._stopping = False
@@ -86,6 +107,15 @@ class InferenceService(Service):
             await bus.serve("kefu.inference.ocr", llm_pb2.OcrRequest, self._ocr, queue="ocr", max_inflight=8)
         self.backend = await self._backend()
         self.log.info("model ready", backend=self.settings.llm_backend, model=self.backend.model_name)
+        for tenant, (adapter, scale) in self.settings.lora_adapters().items():
+            if self.settings.llm_backend != "llama_cpp":
+                raise ValueError("KEFU_LLM_LORA needs KEFU_LLM_BACKEND=llama_cpp")
+            s = self.settings
+            path = resolve(DEFAULT_LLM, s.data_dir, s.llm_model)
+            self.tenant_backends[tenant] = await asyncio.to_thread(
+                LlamaCppBackend, path, n_ctx=s.llm_ctx, threads=s.llm_threads, prefix_cache=s.llm_prefix_cache,
+                lora=adapter, lora_scale=scale)
+            self.log.info("lora adapter ready", tenant=tenant, model=self.tenant_backends[tenant].model_name)
         await ensure_stream(bus.js, llm_stream(self.settings.llm_queue_limit))
         self.budget = await ensure_kv(bus.js, llm_budget_kv())
         psub = await bus.js.pull_subscribe(
@@ -231,7 +261,7 @@ class InferenceService(Service):
                 error_message=f"tenant {job.tenant!r} used its tokens for this minute"))
             return
         assert self.backend is not None
-        backend = self.backend
+        backend = self.tenant_backends.get(job.tenant, self.backend)
         params = GenerationParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
                                   seed=job.seed, stop=list(job.stop), json_schema=job.json_schema,
                                   grammar=job.grammar)
@@ -256,7 +286,11 @@ class InferenceService(Service):
         index = 0
         used = 0
         t0 = time.perf_counter()
-        while (item := await queue.get()) is not None:
+        held: object = _NOTHING
+        while True:
+            item, held = (await queue.get() if held is _NOTHING else held), _NOTHING
+            if item is None:
+                break
             if isinstance(item, BadParams):
                 await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
                     job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="invalid_field",
@@ -274,7 +308,17 @@ class InferenceService(Service):
                     job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="internal",
                     error_message="generation failed"))
                 break
-            chunk = llm_pb2.GenerateChunk(job_id=job.job_id, index=index, text=item.text,  # type: ignore[attr-defined]
+            text = item.text  # type: ignore[attr-defined]
+            # Pieces that arrived while the last chunk was being sent go out as one chunk: fewer
+            # messages when the bus is the slower side, no added wait when it is not.
+            while not item.finish_reason and not queue.empty():  # type: ignore[attr-defined]
+                following = queue.get_nowait()
+                if isinstance(following, Piece) and not following.finish_reason:
+                    text += following.text
+                    continue
+                held = following
+                break
+            chunk = llm_pb2.GenerateChunk(job_id=job.job_id, index=index, text=text,
                                           model=backend.model_name if item.finish_reason else "",  # type: ignore[attr-defined]
                                           done=bool(item.finish_reason),  # type: ignore[attr-defined]
                                           finish_reason=item.finish_reason,  # type: ignore[attr-defined]

@@ -104,13 +104,16 @@ class LlamaCppBackend:
     evaluates every prompt from scratch (for measuring the cache)."""
 
     def __init__(self, path: Path, *, n_ctx: int = 2048, threads: int = 2, prefix_cache: bool = True,
-                 cache_mb: int = 0) -> None:
+                 cache_mb: int = 0, lora: Path | None = None, lora_scale: float = 1.0) -> None:
         from llama_cpp import Llama, LlamaRAMCache
 
         self.path = path
-        self.model_name = path.name
+        # A LoRA adapter (GGUF) applied on top of the model; the weights stay shared (memory-mapped).
+        self.model_name = f"{path.name}+{lora.name}" if lora else path.name
+        if lora is not None and not lora.is_file():
+            raise ValueError(f"LoRA adapter {lora} does not exist")
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         verbose=False)
+                         lora_path=str(lora) if lora else None, lora_scale=lora_scale, verbose=False)
         self.prefix_cache = prefix_cache
         if prefix_cache and cache_mb > 0:
             self.llm.set_cache(LlamaRAMCache(capacity_bytes=cache_mb << 20))
