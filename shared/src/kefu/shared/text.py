@@ -85,12 +85,13 @@ def query_tokens(text: str) -> list[str]:
 _IDENT = re.compile(r"(?<![A-Za-z0-9.])(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*(?![A-Za-z0-9])")
 
 
-def identifiers(text: str) -> set[str]:
+@functools.lru_cache(maxsize=16384)
+def identifiers(text: str) -> frozenset[str]:
     """Identifiers (model numbers, SKUs, order numbers, error codes) in ``text``: tokens that mix letters
     and digits, normalized so "SM-G9910", "sm g9910" style variants and "smg9910" meet: upper case, without
     '-' and '_'. Plain numbers are not identifiers."""
     text = unicodedata.normalize("NFKC", text)
-    return {re.sub(r"[-_]", "", m.group()).upper() for m in _IDENT.finditer(text) if len(m.group()) >= 2}
+    return frozenset(re.sub(r"[-_]", "", m.group()).upper() for m in _IDENT.finditer(text) if len(m.group()) >= 2)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -106,9 +107,8 @@ def split_sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if p and p.strip()]
 
 
-def facts(text: str) -> set[str]:
+@functools.lru_cache(maxsize=16384)
+def facts(text: str) -> frozenset[str]:
     """Numbers and letter-digit codes in ``text``, normalized (1,299 -> 1299; x100 -> X100)."""
-    out = set()
-    for m in _FACT.finditer(unicodedata.normalize("NFKC", text)):
-        out.add(m.group().replace(",", "").upper())
-    return out
+    # Cached (the same knowledge-base sentences are checked turn after turn), so immutable.
+    return frozenset(m.group().replace(",", "").upper() for m in _FACT.finditer(unicodedata.normalize("NFKC", text)))

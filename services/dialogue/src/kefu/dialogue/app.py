@@ -244,7 +244,7 @@ class DialogueService(Service):
             query = rewrite(text, state.slots, previous_query(state, seq))
             answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
                                                 kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state),
-                                                context=conversation_note(state, seq))
+                                                context=conversation_note(state, seq) if self.settings.llm_enabled else "")
             await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from kefu.dialogue.state import (
     AgentMessage,
     Body,
@@ -106,12 +108,7 @@ def state_to_proto(s: State) -> turn_pb2.ConversationState:
         seq=max(s.seq, 0), summary=s.summary, created_ms=s.created_ms, updated_ms=s.updated_ms, lamport=s.lamport,
         stream_seq=s.stream_seq, handoff_summary=s.handoff_summary,
     )
-    for t in s.turns:
-        turn = pb.turns.add(seq=t.seq, role=t.role, text=t.text, source=t.source, citations=list(t.citations),
-                            client_msg_id=t.client_msg_id, in_reply_to=t.in_reply_to, lamport=t.stamp[0],
-                            writer=t.stamp[1], id=t.stamp[2])
-        if t.provenance is not None:
-            turn.provenance.CopyFrom(provenance_to_proto(t.provenance))
+    pb.turns.extend(_turn_to_proto(t) for t in s.turns)
     pb.slots.update(s.slots)
     pb.client_msgs.update(s.client_msgs)
     pb.tags.extend(s.tags)
@@ -122,6 +119,18 @@ def state_to_proto(s: State) -> turn_pb2.ConversationState:
         pb.tag_adds[tag].ids.extend(sorted(ids))
     pb.tag_removes.extend(sorted(s.tag_removes))
     return pb
+
+
+@functools.lru_cache(maxsize=8192)
+def _turn_to_proto(t: Turn) -> turn_pb2.Turn:
+    """A turn's message, built once: turns never change, and the state (all its turns) is written to the
+    KV cache after every reply."""
+    turn = turn_pb2.Turn(seq=t.seq, role=t.role, text=t.text, source=t.source, citations=list(t.citations),
+                         client_msg_id=t.client_msg_id, in_reply_to=t.in_reply_to, lamport=t.stamp[0],
+                         writer=t.stamp[1], id=t.stamp[2])
+    if t.provenance is not None:
+        turn.provenance.CopyFrom(provenance_to_proto(t.provenance))
+    return turn
 
 
 def _stamp_to_proto(stamp: Stamp) -> turn_pb2.Stamp:
