@@ -41,6 +41,8 @@ async def test_tokens_stream_to_the_inbox_in_order(stack, bus):
     assert all(c.job_id == job.job_id for c in chunks)
     assert len(chunks) > 3 and "".join(c.text for c in chunks).strip()
     assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].completion_tokens <= 24
+    # The last chunk carries usage and timing.
+    assert chunks[-1].prompt_tokens > 0 and 0 < chunks[-1].first_token_ms <= chunks[-1].duration_ms
 
 
 async def test_same_seed_same_text(stack, bus):

@@ -286,6 +286,7 @@ class InferenceService(Service):
         index = 0
         used = 0
         t0 = time.perf_counter()
+        first_token_ms = 0
         held: object = _NOTHING
         while True:
             item, held = (await queue.get() if held is _NOTHING else held), _NOTHING
@@ -309,6 +310,8 @@ class InferenceService(Service):
                     error_message="generation failed"))
                 break
             text = item.text  # type: ignore[attr-defined]
+            if text and not first_token_ms:
+                first_token_ms = max(1, round((time.perf_counter() - t0) * 1000))
             # Pieces that arrived while the last chunk was being sent go out as one chunk: fewer
             # messages when the bus is the slower side, no added wait when it is not.
             while not item.finish_reason and not queue.empty():  # type: ignore[attr-defined]
@@ -324,6 +327,9 @@ class InferenceService(Service):
                                           finish_reason=item.finish_reason,  # type: ignore[attr-defined]
                                           prompt_tokens=item.prompt_tokens,  # type: ignore[attr-defined]
                                           completion_tokens=item.completion_tokens)  # type: ignore[attr-defined]
+            if chunk.done:
+                chunk.first_token_ms = first_token_ms
+                chunk.duration_ms = round((time.perf_counter() - t0) * 1000)
             used = item.prompt_tokens + item.completion_tokens  # type: ignore[attr-defined]
             await bus.publish(job.reply_inbox, chunk)
             index += 1

@@ -119,6 +119,8 @@ class GenerateChunk(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     index: _builtins.int
     text: _builtins.str
@@ -135,6 +137,9 @@ class GenerateChunk(_message.Message):
     """No text: the job is running on a live replica (sent when it starts and every second after), so a
     requester that hears nothing for a few seconds knows the replica is gone. Carries no index.
     """
+    first_token_ms: _builtins.int
+    """On the last chunk: milliseconds from the job's start on the replica to its first text, and to its end."""
+    duration_ms: _builtins.int
     def __init__(
         self,
         *,
@@ -149,10 +154,12 @@ class GenerateChunk(_message.Message):
         error_message: _builtins.str = ...,
         model: _builtins.str = ...,
         heartbeat: _builtins.bool = ...,
+        first_token_ms: _builtins.int = ...,
+        duration_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "done", b"done", "error_code", b"error_code", "error_message", b"error_message", "finish_reason", b"finish_reason", "heartbeat", b"heartbeat", "index", b"index", "job_id", b"job_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "done", b"done", "duration_ms", b"duration_ms", "error_code", b"error_code", "error_message", b"error_message", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "heartbeat", b"heartbeat", "index", b"index", "job_id", b"job_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
