@@ -18,7 +18,6 @@ import platform
 import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,40 +34,40 @@ def write(name: str, report: dict) -> None:
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
-def raw_llama(model: Path, runs: int, threads: int) -> dict:
-    from llama_cpp import Llama
-
-    # Like the service, the engine keeps its context between calls, so the prompt prefix is reused.
-    llm = Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
-    tps, ttft = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        first, n = None, 0
-        for chunk in llm.create_chat_completion(PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=1, stream=True):
-            if chunk["choices"][0]["delta"].get("content"):
-                n += 1
-                first = first or time.perf_counter()
-        end = time.perf_counter()
-        ttft.append(first - t0)
-        tps.append((n - 1) / (end - first))
-    del llm
-    return {"decode_tokens_per_s": statistics.median(tps), "ttft_s": statistics.median(ttft), "tokens": n}
+def _raw_once(llm) -> tuple[float, float, int]:
+    """One streamed generation on the raw engine: (time to first token, decode tokens/s, tokens)."""
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for chunk in llm.create_chat_completion(PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=1, stream=True):
+        if chunk["choices"][0]["delta"].get("content"):
+            n += 1
+            first = first or time.perf_counter()
+    end = time.perf_counter()
+    return first - t0, (n - 1) / (end - first), n
 
 
-async def service_llama(data_dir: Path, runs: int, threads: int) -> dict:
-    """The inference service as it runs in production: its own process, jobs over the NATS work queue."""
+async def engine_vs_service(data_dir: Path, model: Path, runs: int, threads: int) -> tuple[dict, dict]:
+    """Raw llama-cpp-python and the inference service (its own process, jobs over the NATS work queue)
+    on the same model, prompt and settings, run by turns (raw, service, raw, ...) so that the machine's
+    drift falls on both alike."""
     import subprocess
     import sys
 
-    from kefu.proto.bus.v1 import common_pb2, llm_pb2
+    from llama_cpp import Llama
+
+    from bench.inference import timed_job
+    from kefu.proto.bus.v1 import common_pb2
     from kefu.shared.bus import Bus
     from kefu.shared.errors import KefuError
     from kefu.shared.natsserver import NatsServer
-    from kefu.shared.streams import LLM_GENERATE
 
+    # Like the service, the engine keeps its context between calls, so the prompt prefix is reused.
+    llm = Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    raw: dict[str, list[float]] = {"ttft": [], "tps": []}
+    svc: dict[str, list[float]] = {"ttft": [], "tps": []}
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as nats:
         env = dict(os.environ, KEFU_NATS_URL=nats.url, KEFU_DATA_DIR=str(data_dir), KEFU_LLM_THREADS=str(threads),
-                   KEFU_LOG_LEVEL="warning")
+                   KEFU_LOG_LEVEL="warning", KEFU_OCR_ENABLED="false")
         proc = subprocess.Popen([sys.executable, "-m", "kefu.inference"], env=env)  # noqa: ASYNC220 - started once
         bus = await Bus.connect([nats.url], "bench")
         try:
@@ -80,32 +79,26 @@ async def service_llama(data_dir: Path, runs: int, threads: int) -> dict:
                 except KefuError:
                     assert proc.poll() is None, "inference exited"
                     await asyncio.sleep(0.2)
-            tps, ttft = [], []
-            n = 0
+            _raw_once(llm)  # warm both: the first run of each evaluates the whole prompt
+            await timed_job(bus, PROMPT, MAX_TOKENS)
             for _ in range(runs):
-                async with bus.inbox() as (inbox, sub):
-                    job = llm_pb2.GenerateRequest(job_id=uuid.uuid4().hex, max_tokens=MAX_TOKENS, temperature=0,
-                                                  seed=1, reply_inbox=inbox, deadline_ms=int((time.time() + 300) * 1000),
-                                                  messages=[llm_pb2.ChatMessage(**m) for m in PROMPT])
-                    t0 = time.perf_counter()
-                    await bus.js.publish(LLM_GENERATE, job.SerializeToString())
-                    first, n = None, 0
-                    while True:
-                        chunk = llm_pb2.GenerateChunk.FromString((await sub.next_msg(timeout=120)).data)
-                        if chunk.text:
-                            n += 1
-                            first = first or time.perf_counter()
-                        if chunk.done:
-                            n = chunk.completion_tokens or n
-                            break
-                    end = time.perf_counter()
-                ttft.append(first - t0)
-                tps.append((n - 1) / (end - first))
+                ttft, tps, n = _raw_once(llm)
+                raw["ttft"].append(ttft)
+                raw["tps"].append(tps)
+                t = await timed_job(bus, PROMPT, MAX_TOKENS)
+                svc["ttft"].append(t.ttft_s)
+                svc["tps"].append((t.tokens - 1) / (t.total_s - t.ttft_s))
         finally:
             await bus.close()
             proc.terminate()
             proc.wait(30)
-    return {"decode_tokens_per_s": statistics.median(tps), "ttft_s": statistics.median(ttft), "tokens": n}
+    del llm
+
+    def summary(d: dict[str, list[float]]) -> dict:
+        return {"decode_tokens_per_s": statistics.median(d["tps"]), "ttft_s": statistics.median(d["ttft"]),
+                "tokens": n}
+
+    return summary(raw), summary(svc)
 
 
 async def answer_path(runs: int) -> dict:
@@ -170,21 +163,21 @@ async def answer_path(runs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from kefu.shared.models import DEFAULT_LLM, resolve
 
     data_dir = Path(os.environ.get("KEFU_DATA_DIR", ".kefu"))
     model = resolve(DEFAULT_LLM, data_dir)
-    raw = raw_llama(model, args.runs, args.threads)
-    svc = asyncio.run(service_llama(data_dir, args.runs, args.threads))
+    raw, svc = asyncio.run(engine_vs_service(data_dir, model, args.runs, args.threads))
     write("inference", {
         "figure": {"what": "kefu inference service, streamed to an inbox over NATS", **svc},
         "baseline": {"what": "raw llama-cpp-python create_chat_completion(stream=True), same model/prompt", **raw},
         "ratio_decode": svc["decode_tokens_per_s"] / raw["decode_tokens_per_s"],
         "ratio_ttft": svc["ttft_s"] / raw["ttft_s"],
         "model": model.name, "max_tokens": MAX_TOKENS, "threads": args.threads, "runs": args.runs,
+        "method": "raw and service runs alternate, medians of each",
     })
     path = asyncio.run(answer_path(args.runs * 2))
     write("answer", {
