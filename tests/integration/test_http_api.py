@@ -244,6 +244,41 @@ async def test_a_busy_model_does_not_delay_a_grounded_answer(api, unique, bus):
     assert state["turns"][-1]["provenance"]["generation_error"] == "busy"
 
 
+async def test_a_visitor_who_leaves_stops_the_models_work_and_still_gets_the_reply_recorded(api, unique, bus):
+    import time
+
+    from kefu.proto.bus.v1 import llm_pb2
+    from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
+
+    tenant = unique("gone")
+    await api.put_doc(tenant, "l2", "L2 Lamp", "The L2 desk lamp costs 129 yuan.")
+    cid, tok = await api.start(tenant)
+    # A long job holds the replica, so this turn's generation waits in the queue when the visitor leaves.
+    filler = llm_pb2.GenerateRequest(job_id=unique("filler"), max_tokens=400, reply_inbox=unique("nobody"),
+                                     deadline_ms=int((time.time() + 60) * 1000),
+                                     messages=[llm_pb2.ChatMessage(role="user", content="Write a long story.")])
+    await bus.js.publish(LLM_GENERATE, filler.SerializeToString())
+    try:
+        headers = {"Authorization": f"Bearer {tok}", "Accept": "text/event-stream", "Content-Type": "application/json"}
+        async with aiohttp.ClientSession() as session:
+            # The visitor closes the page while the reply is being made (before its first word).
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(session.post(f"{api.base}/v1/conversations/{cid}/messages", headers=headers,
+                                                    data=json.dumps({"text": "How much is the L2 lamp?"})), 0.5)
+            left = time.monotonic()
+        for _ in range(60):
+            _, state, _ = await api.call("GET", f"/v1/conversations/{cid}", token=api.admin)
+            bot = [t for t in state["turns"] if t["role"] == "bot"]
+            if bot:
+                break
+            await asyncio.sleep(0.1)
+        assert bot, "no reply recorded"
+        assert time.monotonic() - left < 3  # not the 4 s wait for a free model
+        assert bot[0]["provenance"]["generation_error"] == "visitor_left" and "129 yuan" in bot[0]["text"]
+    finally:
+        await bus.nc.publish(LLM_CANCEL, filler.job_id.encode())
+
+
 async def test_auth_is_enforced_everywhere(api, unique):
     tenant = unique("auth")
     cid, tok = await api.start(tenant)

@@ -16,6 +16,9 @@ MAX_MEDIA_BYTES = 10 * 1024 * 1024
 KB_SUBJECTS = "kefu.kb.>"
 LLM_GENERATE = "kefu.llm.generate"
 LLM_CANCEL = "kefu.llm.cancel"
+# A TurnRequest (conversation_id, turn_id) for a turn whose visitor left before the reply: every dialogue
+# replica hears it; the one running the turn stops its generation.
+TURN_CANCEL = "kefu.dialogue.cancel"
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 

@@ -3,12 +3,14 @@ extractive fallback. The decisions are in kefu.dialogue.policy; this module does
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import nats.errors
 
@@ -41,6 +43,8 @@ from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE
 log = get_logger("kefu.dialogue.answer")
 
 MAX_SENTENCES = 2
+# The index of the chunk that ends a job its visitor left (after any real chunk).
+_LAST_INDEX = 2**31
 
 Emit = Callable[[str], Awaitable[None]]
 # Greedy decoding: the same prompt gives the same answer, so a turn can be re-run from its provenance.
@@ -83,9 +87,27 @@ class Answerer:
         self.bus = bus
         self.settings = settings
         self.gloss = gloss
+        # turn id -> (job id, inbox) of the generation running for it, so a departed visitor's turn
+        # can be stopped.
+        self.running: dict[str, tuple[str, str]] = {}
+
+    async def cancel_turn(self, turn_id: str) -> bool:
+        """Stop the generation of ``turn_id`` (its visitor left): the model stops within a token, or
+        drops the job if it has not started, and the turn is answered with what was shown so far or
+        the cited sentence. False when this replica runs no generation for it."""
+        job = self.running.get(turn_id)
+        if job is None:
+            return False
+        job_id, inbox = job
+        await self._cancel(job_id)
+        with contextlib.suppress(Exception):
+            await self.bus.publish(inbox, llm_pb2.GenerateChunk(
+                job_id=job_id, index=_LAST_INDEX, done=True, finish_reason="cancelled", error_code="visitor_left",
+                error_message="the visitor left before the reply"))
+        return True
 
     async def answer(self, *, tenant: str, mode: str, text: str, query: str, kb_min_seq: int, emit: Emit,
-                     failures: int = 0, context: str = "") -> Answer:
+                     failures: int = 0, context: str = "", turn_id: str = "") -> Answer:
         """The reply to ``text``; ``query`` is what to search (``text`` rewritten with the remembered slots),
         ``failures`` how many of the bot's last replies in a row found no answer."""
         language = lang(text)
@@ -98,7 +120,7 @@ class Answerer:
             reply = Answer(HANDOFF_UPSET_TEXT[language], "handoff", handoff=True,
                            provenance=Provenance(decision="handoff:upset"))
         else:
-            reply = await self._from_kb(tenant, text, query, kb_min_seq, emit, context)
+            reply = await self._from_kb(tenant, text, query, kb_min_seq, emit, context, turn_id)
             if reply.provenance.decision != "no_answer":
                 return reply  # already streamed
             if failures >= 1:
@@ -109,7 +131,7 @@ class Answerer:
         return reply
 
     async def _from_kb(self, tenant: str, text: str, query: str, kb_min_seq: int, emit: Emit,
-                       context: str = "") -> Answer:
+                       context: str = "", turn_id: str = "") -> Answer:
         # Synonyms of the concepts asked about, and the words in the other language: they count less
         # than the question's own words in the keyword lane.
         glossed = self.gloss(query) if self.gloss else []
@@ -130,7 +152,7 @@ class Answerer:
         prov = replace(prov, decision="answered", evidence=evidence.sentence,
                        required_facts=tuple(sorted(evidence.required)))
         if self.settings.llm_enabled:
-            shown, gen = await self._generate_checked(tenant, query, passages, evidence, emit, context)
+            shown, gen = await self._generate_checked(tenant, query, passages, evidence, emit, context, turn_id)
             prov = replace(prov, model=gen.model, sampling=gen.sampling, prompt_sha256=gen.prompt_sha256,
                            prompt_chars=gen.prompt_chars, generation_error=gen.error)
             if shown:
@@ -142,7 +164,7 @@ class Answerer:
         return Answer(evidence.sentence, "kb", [evidence.doc_id], provenance=prov)
 
     async def _generate_checked(self, tenant: str, query: str, passages: list[Passage], evidence: Evidence,
-                                emit: Emit, context: str = "") -> tuple[list[str], _Generation]:
+                                emit: Emit, context: str = "", turn_id: str = "") -> tuple[list[str], _Generation]:
         """Stream the model's answer, showing each sentence only once it has passed the fact check;
         stop the model at the first sentence that fails. Returns the sentences shown."""
         shown: list[str] = []
@@ -154,7 +176,7 @@ class Answerer:
             json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest(),
             prompt_chars=sum(len(m["content"]) for m in messages))
         try:
-            async for piece in self._generate(tenant, job_id, messages, gen):
+            async for piece in self._generate(tenant, job_id, messages, gen, turn_id):
                 buffer += piece
                 sentences, buffer = split_complete(buffer)
                 for s in sentences:
@@ -178,43 +200,54 @@ class Answerer:
         return shown, gen
 
     async def _generate(self, tenant: str, job_id: str, messages: list[dict[str, str]],
-                        gen: _Generation) -> AsyncIterator[str]:
+                        gen: _Generation, turn_id: str = "") -> AsyncIterator[str]:
         """Queue a job on the LLM work queue and yield its text pieces as they arrive at our inbox."""
-        s = self.settings
         async with self.bus.inbox() as (inbox, sub):
-            job = llm_pb2.GenerateRequest(
-                job_id=job_id, max_tokens=s.max_tokens, reply_inbox=inbox, tenant=tenant, **SAMPLING,
-                deadline_ms=int((time.time() + s.first_chunk_timeout + 4 * s.chunk_timeout) * 1000),
-                messages=[llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
-            )
+            if turn_id:
+                self.running[turn_id] = (job_id, inbox)
             try:
-                await self.bus.js.publish(LLM_GENERATE, job.SerializeToString(), headers={"Nats-Msg-Id": job_id})
-            except Exception as exc:
-                if "maximum messages" in str(exc):  # the LLM queue is full (discard new)
-                    raise RateLimited("the model is busy", code="busy", retry_after=2) from None
-                raise Unavailable(f"cannot queue generation: {exc}", code="service_unavailable") from None
-            expected = 0
-            timeout = s.first_chunk_timeout
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=timeout)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    # No free replica in time, or the replica's heartbeats stopped (it died).
-                    raise DeadlineExceeded("the model did not answer in time", code="model_timeout") from None
-                chunk = decode(llm_pb2.GenerateChunk, msg.data)
-                timeout = s.chunk_timeout
-                if chunk.heartbeat:
-                    continue
-                if chunk.index < expected:
-                    continue  # a redelivered job replays chunks we already have
-                expected = chunk.index + 1
-                if chunk.error_code:
-                    raise from_code(chunk.error_code, chunk.error_message or "generation failed")
-                if chunk.text:
-                    yield chunk.text
-                if chunk.done:
-                    gen.model = chunk.model
-                    return
+                async for piece in self._pieces(tenant, job_id, messages, gen, inbox, sub):
+                    yield piece
+            finally:
+                self.running.pop(turn_id, None)
+
+    async def _pieces(self, tenant: str, job_id: str, messages: list[dict[str, str]], gen: _Generation,
+                      inbox: str, sub: Any) -> AsyncIterator[str]:
+        """The job's text pieces, in order; a typed error when it fails, waits too long or is cancelled."""
+        s = self.settings
+        job = llm_pb2.GenerateRequest(
+            job_id=job_id, max_tokens=s.max_tokens, reply_inbox=inbox, tenant=tenant, **SAMPLING,
+            deadline_ms=int((time.time() + s.first_chunk_timeout + 4 * s.chunk_timeout) * 1000),
+            messages=[llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        )
+        try:
+            await self.bus.js.publish(LLM_GENERATE, job.SerializeToString(), headers={"Nats-Msg-Id": job_id})
+        except Exception as exc:
+            if "maximum messages" in str(exc):  # the LLM queue is full (discard new)
+                raise RateLimited("the model is busy", code="busy", retry_after=2) from None
+            raise Unavailable(f"cannot queue generation: {exc}", code="service_unavailable") from None
+        expected = 0
+        timeout = s.first_chunk_timeout
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                # No free replica in time, or the replica's heartbeats stopped (it died).
+                raise DeadlineExceeded("the model did not answer in time", code="model_timeout") from None
+            chunk = decode(llm_pb2.GenerateChunk, msg.data)
+            timeout = s.chunk_timeout
+            if chunk.heartbeat:
+                continue
+            if chunk.index < expected:
+                continue  # a redelivered job replays chunks we already have
+            expected = chunk.index + 1
+            if chunk.error_code:
+                raise from_code(chunk.error_code, chunk.error_message or "generation failed")
+            if chunk.text:
+                yield chunk.text
+            if chunk.done:
+                gen.model = chunk.model
+                return
 
     async def _cancel(self, job_id: str) -> None:
         try:

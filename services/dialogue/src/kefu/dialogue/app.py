@@ -24,11 +24,11 @@ from kefu.dialogue.state import AgentMessage, BotReply, ModeChanged, OcrResult, 
 from kefu.dialogue.store import ConversationStore
 from kefu.proto.bus.v1 import llm_pb2, turn_pb2
 from kefu.shared import text as textutil
-from kefu.shared.bus import Bus, ensure_kv, subject_token
+from kefu.shared.bus import Bus, decode, ensure_kv, subject_token
 from kefu.shared.config import KefuSettings
-from kefu.shared.errors import BadRequest, Conflict
+from kefu.shared.errors import BadRequest, Conflict, KefuError
 from kefu.shared.service import Service
-from kefu.shared.streams import handoff_subject, handoffs_kv, out_subject
+from kefu.shared.streams import TURN_CANCEL, handoff_subject, handoffs_kv, out_subject
 
 MAX_TEXT_CHARS = 4000
 APPEND_RETRIES = 5
@@ -113,6 +113,9 @@ class DialogueService(Service):
         await bus.serve("kefu.dialogue.turn", turn_pb2.TurnRequest, self._turn, queue="dialogue")
         await bus.serve("kefu.dialogue.get", turn_pb2.GetStateRequest, self._get, queue="dialogue")
         await bus.serve("kefu.dialogue.image", turn_pb2.ImageRequest, self._image, queue="dialogue")
+        # Every replica hears it; the one running the turn stops its generation.
+        cancel_sub = await bus.nc.subscribe(TURN_CANCEL, cb=self._on_cancel)
+        stack.push_async_callback(cancel_sub.unsubscribe)
         await bus.serve("kefu.dialogue.agent", turn_pb2.AgentRequest, self._agent, queue="dialogue")
         self.handoffs = await ensure_kv(bus.js, handoffs_kv())
 
@@ -213,6 +216,14 @@ class DialogueService(Service):
         self.log.info("image read", conversation_id=cid, seq=ev.seq, chars=len(text))
         return turn_pb2.ImageReply(seq=ev.seq, text=text)
 
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            req = decode(turn_pb2.TurnRequest, msg.data)
+        except KefuError:
+            return
+        if req.turn_id and self.answerer is not None and await self.answerer.cancel_turn(req.turn_id):
+            self.log.info("turn cancelled, the visitor left", conversation_id=req.conversation_id)
+
     async def _turn(self, req: turn_pb2.TurnRequest, _: Msg) -> turn_pb2.TurnReply:
         assert self.store is not None and self.answerer is not None
         cid = subject_token(req.conversation_id)
@@ -244,7 +255,8 @@ class DialogueService(Service):
             query = rewrite(text, state.slots, previous_query(state, seq))
             answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
                                                 kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state),
-                                                context=conversation_note(state, seq) if self.settings.llm_enabled else "")
+                                                context=conversation_note(state, seq) if self.settings.llm_enabled else "",
+                                                turn_id=req.turn_id)
             await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from kefu.shared.service import health_subject
 from kefu.shared.streams import (
     MAX_DOCUMENT_BYTES,
     MAX_MEDIA_BYTES,
+    TURN_CANCEL,
     handoffs_kv,
     kb_stream,
     kb_subject,
@@ -171,7 +172,12 @@ class Core:
             yield Final(reply)
         finally:
             if not request.done():
-                request.cancel()  # the turn still completes and is recorded by dialogue
+                # The visitor left (the stream was closed before the reply): stop the model's work for
+                # this turn; dialogue still records a reply, which the visitor sees on coming back.
+                request.cancel()
+                with contextlib.suppress(Exception):
+                    await self.bus.publish(TURN_CANCEL, turn_pb2.TurnRequest(conversation_id=conversation_id,
+                                                                             turn_id=turn_id))
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 

@@ -8,6 +8,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import WSMsgType, web
 from google.protobuf.json_format import MessageToDict
 
@@ -30,6 +31,9 @@ DRAIN_LIMIT = 64 * 1024 * 1024
 MAX_K = 50
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# How often a streaming reply checks that its visitor is still connected.
+DISCONNECT_POLL_S = 0.2
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -259,8 +263,12 @@ class HttpApi:
     async def _stream_reply(self, request: web.Request, cid: str, text: str, cmid: str) -> web.StreamResponse:
         stream = self.core.send_message(cid, text, cmid)
         # The first item is awaited before the 200 goes out, so an early error is still a proper status.
+        waiting = asyncio.ensure_future(anext(stream))
+        if not await self._while_connected(request, waiting):
+            await stream.aclose()
+            return web.Response(status=499)  # nobody is there to read it (nginx's "client closed request")
         try:
-            first = await anext(stream)
+            first = waiting.result()
         except StopAsyncIteration:
             raise Internal("no reply") from None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
@@ -274,17 +282,39 @@ class HttpApi:
                 event, data = "done", reply_json(item.reply)
             await resp.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
 
-        try:
+        async def relay() -> None:
             await send(first)
             async for item in stream:
                 await send(item)
+
+        relaying = asyncio.create_task(relay())
+        try:
+            if not await self._while_connected(request, relaying):
+                return resp
+            relaying.result()
         except KefuError as exc:
             err = {"code": exc.code, "message": exc.message}
             await resp.write(f"event: error\ndata: {json.dumps(err, ensure_ascii=False)}\n\n".encode())
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return resp  # gone while we wrote
         finally:
             await stream.aclose()
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    async def _while_connected(request: web.Request, task: asyncio.Future[Any]) -> bool:
+        """Wait for ``task``; False (and ``task`` cancelled) if the client disconnects first. A visitor
+        who closes the page while the reply is being made is noticed at once, not at the next write,
+        and the cancellation reaches dialogue, which stops the model's work for the turn."""
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and (request.transport is None or request.transport.is_closing()):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                return False
+        return True
 
     async def post_image(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
