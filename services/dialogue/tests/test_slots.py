@@ -67,3 +67,23 @@ def test_a_follow_up_of_a_follow_up_does_not_grow_without_bound():
     for _ in range(20):
         query = rewrite("And then?", {}, query)
     assert len(query) <= MAX_PREVIOUS_CHARS + len(" And then?")
+
+
+def test_model_slot_proposals_are_kept_only_where_the_text_bears_them_out():
+    from kefu.dialogue.slots import verify_model_slots
+
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    # What the bundled 135M model proposes for these messages (JSON-schema constrained, greedy).
+    text = "My Aurora blender from order 20261124001 has not arrived yet."
+    found = extract(text, now)
+    proposed = {"product": "Aurora Blender", "order_id": "20261124001", "phone": "1234567890"}
+    # The order number the rules missed is in the text; the phone number is invented.
+    assert verify_model_slots(proposed, text, found, now) == {"product": "Aurora Blender", "order_id": "20261124001"}
+    text = "我买的小米空气净化器还没到，手机号 13812345678"
+    proposed = {"product": "小米空气净化器", "order_id": "13812345678", "phone": "13812345678",
+                "date": "2022-01-01T12:00:00Z"}
+    assert verify_model_slots(proposed, text, extract(text, now), now) == {"product": "小米空气净化器"}
+    text = "The kettle I bought on Nov 20 leaks."
+    proposed = {"product": "Kettle", "order_id": "2026-11-20", "phone": "12345", "date": "2026-11-20", "x": "y"}
+    assert verify_model_slots(proposed, text, extract(text, now), now) == {"product": "Kettle", "date": "2026-11-20"}
+    assert "date" not in verify_model_slots({"date": "2026-11-20"}, "The kettle leaks.", {}, now)  # invented

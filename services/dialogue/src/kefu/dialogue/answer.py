@@ -45,6 +45,10 @@ log = get_logger("kefu.dialogue.answer")
 MAX_SENTENCES = 2
 # The index of the chunk that ends a job its visitor left (after any real chunk).
 _LAST_INDEX = 2**31
+SLOT_PROMPT = ("Read the customer's message. Give as JSON only what it states: product (a product name or "
+               "model), order_id, phone, date (YYYY-MM-DD). Leave out anything it does not state.")
+SLOT_SCHEMA = json.dumps({"type": "object", "properties": {
+    name: {"type": "string", "maxLength": 40} for name in ("product", "order_id", "phone", "date")}})
 
 Emit = Callable[[str], Awaitable[None]]
 # Greedy decoding: the same prompt gives the same answer, so a turn can be re-run from its provenance.
@@ -199,24 +203,42 @@ class Answerer:
             await self._cancel(job_id)
         return shown, gen
 
+    async def model_slots(self, tenant: str, text: str) -> dict[str, str]:
+        """Slots the model reads in ``text``, as JSON constrained by a schema (KEFU_SLOTS_MODEL, for a
+        capable model). Only proposals: kefu.dialogue.slots.verify_model_slots keeps what the text
+        itself shows. {} when the model is busy, down or says nothing usable."""
+        messages = [{"role": "system", "content": SLOT_PROMPT}, {"role": "user", "content": text[:1000]}]
+        out = ""
+        try:
+            async for piece in self._generate(tenant, uuid.uuid4().hex, messages, _Generation(),
+                                              json_schema=SLOT_SCHEMA):
+                out += piece
+            found = json.loads(out)
+        except (KefuError, ValueError) as exc:
+            log.info("no slots from the model", error=str(exc))
+            return {}
+        return {k: v.strip() for k, v in found.items() if isinstance(v, str) and v.strip()} \
+            if isinstance(found, dict) else {}
+
     async def _generate(self, tenant: str, job_id: str, messages: list[dict[str, str]],
-                        gen: _Generation, turn_id: str = "") -> AsyncIterator[str]:
+                        gen: _Generation, turn_id: str = "", json_schema: str = "") -> AsyncIterator[str]:
         """Queue a job on the LLM work queue and yield its text pieces as they arrive at our inbox."""
         async with self.bus.inbox() as (inbox, sub):
             if turn_id:
                 self.running[turn_id] = (job_id, inbox)
             try:
-                async for piece in self._pieces(tenant, job_id, messages, gen, inbox, sub):
+                async for piece in self._pieces(tenant, job_id, messages, gen, inbox, sub, json_schema):
                     yield piece
             finally:
                 self.running.pop(turn_id, None)
 
     async def _pieces(self, tenant: str, job_id: str, messages: list[dict[str, str]], gen: _Generation,
-                      inbox: str, sub: Any) -> AsyncIterator[str]:
+                      inbox: str, sub: Any, json_schema: str = "") -> AsyncIterator[str]:
         """The job's text pieces, in order; a typed error when it fails, waits too long or is cancelled."""
         s = self.settings
         job = llm_pb2.GenerateRequest(
-            job_id=job_id, max_tokens=s.max_tokens, reply_inbox=inbox, tenant=tenant, **SAMPLING,
+            job_id=job_id, max_tokens=s.max_tokens, reply_inbox=inbox, tenant=tenant, json_schema=json_schema,
+            **SAMPLING,
             deadline_ms=int((time.time() + s.first_chunk_timeout + 4 * s.chunk_timeout) * 1000),
             messages=[llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         )

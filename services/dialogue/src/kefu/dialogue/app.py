@@ -19,8 +19,18 @@ from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.gloss import Gloss
 from kefu.dialogue.memory import fold, points_back, recall
 from kefu.dialogue.policy import context_note, handoff_summary
-from kefu.dialogue.slots import extract, rewrite
-from kefu.dialogue.state import AgentMessage, BotReply, ModeChanged, OcrResult, Started, State, TagAdded, VisitorMessage
+from kefu.dialogue.slots import extract, rewrite, verify_model_slots
+from kefu.dialogue.state import (
+    AgentMessage,
+    BotReply,
+    ModeChanged,
+    OcrResult,
+    SlotSet,
+    Started,
+    State,
+    TagAdded,
+    VisitorMessage,
+)
 from kefu.dialogue.store import ConversationStore
 from kefu.proto.bus.v1 import llm_pb2, turn_pb2
 from kefu.shared import text as textutil
@@ -42,6 +52,9 @@ class DialogueSettings(KefuSettings):
     ocr_timeout: float = Field(default=60.0, gt=0)
     # Gloss questions into the other language (CC-CEDICT) for the keyword lane.
     gloss_enabled: bool = True
+    # Ask the model for slots too (JSON schema constrained) where the rules find none; for a capable
+    # model (KEFU_LLM_MODEL / the openai backend). What it proposes is kept only if the text bears it out.
+    slots_model: bool = False
 
 
 def failures(state: State) -> int:
@@ -236,6 +249,8 @@ class DialogueService(Service):
         slots = extract(text, datetime.datetime.now(datetime.UTC))
         async with self._lock(cid):
             state, seq = await self._append_visitor(cid, text, cmid, slots)
+            if seq is not None and self.settings.slots_model and self.settings.llm_enabled:
+                state = await self._model_slots(state, text, slots)
             if seq is None:  # a retry of a message that was already answered
                 seq = state.client_msgs[cmid]
                 turn = state.reply_to(seq)
@@ -263,6 +278,17 @@ class DialogueService(Service):
             conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq))
         self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
         return turn_pb2.TurnReply(seq=seq, reply=reply)
+
+    async def _model_slots(self, state: State, text: str, found: dict[str, str]) -> State:
+        """Add the slots the model reads in ``text`` (and the text bears out) as SlotSet events."""
+        assert self.store is not None and self.answerer is not None
+        proposed = await self.answerer.model_slots(state.tenant, text)
+        for name, value in verify_model_slots(proposed, text, found, datetime.datetime.now(datetime.UTC)).items():
+            try:
+                state, _ = await self.store.append(state, SlotSet(name, value), cache=False)
+            except Conflict:
+                break  # another writer moved on; the slot is a nicety, the turn goes on
+        return state
 
     async def _append_visitor(self, cid: str, text: str, cmid: str,
                               slots: dict[str, str]) -> tuple[State, int | None]:

@@ -161,3 +161,47 @@ def rewrite(text: str, slots: dict[str, str], previous: str = "") -> str:
     if previous and elliptical(text):
         return f"{_tail(previous)} {text}"
     return text
+
+
+MODEL_SLOTS = ("product", "order_id", "phone", "date")
+
+
+def verify_model_slots(proposed: dict[str, str], text: str, found: dict[str, str], now: dt.datetime) -> dict[str, str]:
+    """The model's slot proposals that ``text`` itself bears out, for slots the rules did not ``found``:
+    a product, order number or phone number must appear in the message as written (a small model
+    invents them), a date must be a real ISO date within two years of ``now``."""
+    normalized = unicodedata.normalize("NFKC", text).casefold()
+    compact = re.sub(r"[\s-]", "", normalized)
+    taken = {re.sub(r"[\s-]", "", v.casefold()) for v in found.values()}
+    out: dict[str, str] = {}
+    for name, value in proposed.items():
+        value = unicodedata.normalize("NFKC", value).strip()
+        if name not in MODEL_SLOTS or name in found or not value or len(value) > 40:
+            continue
+        if re.sub(r"[\s-]", "", value.casefold()) in taken:
+            continue  # the phone number the rules found, offered again as an order number
+        if name == "order_id" and _looks_like_date(value):
+            continue
+        if name == "date":
+            try:
+                day = dt.date.fromisoformat(value)
+            except ValueError:
+                continue
+            numbers = {int(n) for n in re.findall(r"\d+", normalized)}
+            month_named = day.strftime("%b").casefold() in normalized
+            if abs((day - now.date()).days) <= 730 and day.day in numbers and (day.month in numbers or month_named):
+                out[name] = day.isoformat()
+        elif name == "product":
+            if value.casefold() in normalized:
+                out[name] = value
+        elif re.sub(r"[\s-]", "", value.casefold()) in compact and any(ch.isdigit() for ch in value):
+            out[name] = value.upper() if name == "order_id" else value
+    return out
+
+
+def _looks_like_date(value: str) -> bool:
+    try:
+        dt.date.fromisoformat(value)
+        return True
+    except ValueError:
+        return bool(_ISO_DATE.fullmatch(value))
