@@ -150,3 +150,10 @@ def test_a_quantity_question_wants_a_number_and_a_terse_line_gets_its_heading():
     assert best_evidence("AX3000-R 路由器能覆盖多大的房子？", [router]).required == {"120"}
     lamp = Passage("l2", "L2 desk lamp", "2 years.", heading="Warranty")
     assert best_evidence("L2 保修几年？", [lamp]).sentence == "Warranty: 2 years."
+
+
+def test_a_document_whose_title_the_question_names_is_the_one_asked_about():
+    beijing = Passage("bj", "Beijing Zhongguancun Store", "Opening hours: weekday 10:00-21:30.")
+    hotline = Passage("hl", "Refund hotline", "Opening hours: weekday 9:00-18:00.")
+    ev = best_evidence("Beijing Zhongguancun store weekday opening hours", [hotline, beijing])
+    assert ev.doc_id == "bj"

@@ -87,3 +87,10 @@ def test_model_slot_proposals_are_kept_only_where_the_text_bears_them_out():
     proposed = {"product": "Kettle", "order_id": "2026-11-20", "phone": "12345", "date": "2026-11-20", "x": "y"}
     assert verify_model_slots(proposed, text, extract(text, now), now) == {"product": "Kettle", "date": "2026-11-20"}
     assert "date" not in verify_model_slots({"date": "2026-11-20"}, "The kettle leaks.", {}, now)  # invented
+
+
+def test_a_product_ruled_out_is_not_the_subject():
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    assert extract("Wait, sorry, I meant the X100 Pro, not the X200. Per month?", now)["product"] == "X100 Pro"
+    assert extract("我说的是 X100 Pro，不是 X200", now)["product"] == "X100 Pro"
+    assert extract("Is the X200 better than the X100?", now)["product"] == "X100"  # no negation: the last

@@ -27,6 +27,7 @@ _NO_QUANTITY_PENALTY = 3.0
 _CONCEPT_WEIGHT = 3.0
 _EARLIER_WEIGHT = 0.3
 _CODE_WEIGHT = 2.0
+_TITLE_MATCH = 1.5
 # A sentence of this few words is shown with its section's heading.
 _TERSE = 3
 # A question whose answer is a number, a time or a date.
@@ -162,8 +163,13 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     for rank, p in enumerate(passages):
         title_tokens = content_tokens(p.title) | name_tokens
         about = products(p.title)
-        # +2 when the document is about the named product, -2 when it is about another one.
+        # +2 when the document is about the named product, -2 when it is about another one; otherwise,
+        # a document whose title the question names (in either language: "北京中关村店" and "Beijing
+        # Zhongguancun Store") is the one asked about.
         identity = 0.0 if not named or not about else (2.0 if named & about else -2.0)
+        if not identity and (raw_title := content_tokens(p.title)):
+            share = len(raw_title & (q | glossed)) / len(raw_title)
+            identity = _TITLE_MATCH * share if share >= 0.5 else 0.0
         prior = p.score / top + 1.0 / (1 + rank)
         for sentence in split_sentences(p.text):
             if sentence.rstrip().endswith(("?", "？")):

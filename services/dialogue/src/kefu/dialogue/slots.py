@@ -27,6 +27,7 @@ _ISO_DATE = re.compile(r"(?<!\d)(20\d{2})[-/.年](\d{1,2})[-/.月](\d{1,2})日?(
 _MD_DATE = re.compile(r"(?<!\d)(\d{1,2})月(\d{1,2})[日号]")
 # An identifier right after these words is an error or status code, not a product.
 _CODE_CUE = re.compile(r"(error|code|shows?|showing|says|display(?:s|ing)?|显示|报错|故障|错误|提示|出现|代码)\s*[:：]?\s*$", re.I)
+_NEGATED = re.compile(r"(\bnot|n't|\binstead of|\brather than|不是|而不是|不是说)\s*(the|a|my|an)?\s*$", re.I)
 _BACK_REFERENCE = re.compile(r"它|这个|这款|那个|那款|这台|那台|该产品|\b(it|its|this one|that one|that|this)\b", re.I)
 _RELATIVE = {
     "今天": 0, "today": 0, "昨天": -1, "yesterday": -1, "前天": -2,
@@ -59,7 +60,10 @@ def products(text: str) -> set[str]:
 def product_names(text: str) -> list[str]:
     """The products ``text`` names, as written ("X100 Pro"), in order (error codes excluded)."""
     text = unicodedata.normalize("NFKC", text)
-    return [m.group().strip() for m in _PRODUCT.finditer(text) if not _CODE_CUE.search(text[:m.start()])]
+    named = [m for m in _PRODUCT.finditer(text) if not _CODE_CUE.search(text[:m.start()])]
+    # "I meant the X100 Pro, not the X200" / "是 X100 Pro，不是 X200": the one ruled out is not the subject.
+    kept = [m.group().strip() for m in named if not _NEGATED.search(text[:m.start()])]
+    return kept or [m.group().strip() for m in named]
 
 
 def extract(text: str, now: dt.datetime) -> dict[str, str]:
