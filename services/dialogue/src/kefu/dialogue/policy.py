@@ -28,6 +28,7 @@ _CONCEPT_WEIGHT = 3.0
 _EARLIER_WEIGHT = 0.3
 _CODE_WEIGHT = 2.0
 _TITLE_MATCH = 1.5
+_TITLE_SHARE = 0.5
 # A sentence of this few words is shown with its section's heading.
 _TERSE = 3
 # A question whose answer is a number, a time or a date.
@@ -109,7 +110,8 @@ class Evidence:
 
 
 def _weighted_overlap(query: set[str], text: str, title_tokens: set[str], earlier: frozenset[str] = frozenset()) -> float:
-    hit = query & content_tokens(text)
+    # Chinese words also count where the text has them but jieba cut it differently ("最多" in "网络最多支持").
+    hit = (query & content_tokens(text)) | {w for w in query if len(w) > 1 and w in text and has_cjk(w)}
     return sum(_TITLE_WEIGHT if t in title_tokens else (_EARLIER_WEIGHT if t in earlier else 1.0) for t in hit)
 
 
@@ -169,7 +171,7 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
         identity = 0.0 if not named or not about else (2.0 if named & about else -2.0)
         if not identity and (raw_title := content_tokens(p.title)):
             share = len(raw_title & (q | glossed)) / len(raw_title)
-            identity = _TITLE_MATCH * share if share >= 0.5 else 0.0
+            identity = _TITLE_MATCH * share if share >= _TITLE_SHARE else 0.0
         prior = p.score / top + 1.0 / (1 + rank)
         for sentence in split_sentences(p.text):
             if sentence.rstrip().endswith(("?", "？")):
