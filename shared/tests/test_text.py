@@ -29,3 +29,12 @@ def test_facts_are_numbers_and_codes():
 def test_stop_words_carry_no_meaning():
     assert content_tokens("How much is the lamp?") == {"lamp"}
     assert has_cjk("电水壶") and not has_cjk("kettle")
+
+
+def test_a_numbered_step_stays_one_sentence():
+    from kefu.shared.text import split_sentences
+
+    assert split_sentences("1. 保持通电。\n2. 按住 RESET 孔约 5 秒。") == ["1. 保持通电。", "2. 按住 RESET 孔约 5 秒。"]
+    assert split_sentences("1. Hold the button. It blinks.\n2. Release it.") == \
+        ["1. Hold the button.", "It blinks.", "2. Release it."]
+    assert split_sentences("The K5 holds 1.7 litres. Version 2. Done.") == ["The K5 holds 1.7 litres.", "Version 2.", "Done."]

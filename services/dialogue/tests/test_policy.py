@@ -157,3 +157,13 @@ def test_a_document_whose_title_the_question_names_is_the_one_asked_about():
     hotline = Passage("hl", "Refund hotline", "Opening hours: weekday 9:00-18:00.")
     ev = best_evidence("Beijing Zhongguancun store weekday opening hours", [hotline, beijing])
     assert ev.doc_id == "bj"
+
+
+def test_a_how_to_question_is_answered_with_the_documents_steps():
+    intro = Passage("reset", "AX3000-R 恢复出厂设置", "当您忘记管理密码时，可以将 AX3000-R 恢复出厂设置。")
+    steps = Passage("reset", "AX3000-R 恢复出厂设置", "1. 保持路由器通电。\n2. 用卡针按住 RESET 孔约 5 秒。\n"
+                    "3. 看到指示灯闪烁后松开。", heading="操作步骤")
+    ev = best_evidence("AX3000-R 管理密码忘了，这个怎么恢复出厂？", [intro, steps])
+    assert ev.sentence.splitlines() == ["1. 保持路由器通电。", "2. 用卡针按住 RESET 孔约 5 秒。", "3. 看到指示灯闪烁后松开。"]
+    # Not a how-to question: the sentence that answers it.
+    assert best_evidence("AX3000-R 忘了管理密码能恢复出厂吗", [intro, steps]).sentence.startswith("当您忘记")

@@ -21,7 +21,7 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "battery": ("电池", "续航", "电量", "毫安", "battery", "mah", "runtime"),
     "charging": ("充电", "快充", "充电器", "charging", "charger", "charge"),
     "shipping": ("发货", "配送", "快递", "运费", "送达", "包邮", "物流", "shipping", "ship", "ships", "delivery",
-                 "deliver", "courier"),
+                 "deliver", "courier", "dispatch", "dispatched", "shipped", "gone out", "sent out", "发出"),
     "returns": ("退货", "退款", "退换", "换货", "无理由", "return", "returns", "refund", "refunds", "exchange"),
     "hours": ("营业", "营业时间", "几点", "开门", "关门", "打烊", "hours", "open", "opens", "close", "closes",
               "opening", "closing"),

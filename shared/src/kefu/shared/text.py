@@ -102,9 +102,25 @@ def content_tokens(text: str) -> frozenset[str]:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of mixed Chinese and English text; decimals like 1.7 stay whole."""
-    parts = _SENTENCE_END.split(text)
-    return [p.strip() for p in parts if p and p.strip()]
+    """Sentences of mixed Chinese and English text; decimals like 1.7 stay whole, and so does a numbered
+    step ("1. Hold the button.")."""
+    out: list[str] = []
+    marker = ""
+    for part in _SENTENCE_END.split(text):
+        part = part.strip() if part else ""
+        if not part:
+            continue
+        if _LIST_MARKER.fullmatch(part):
+            marker = f"{marker}{part} "
+            continue
+        out.append(marker + part)
+        marker = ""
+    if marker:
+        out.append(marker.strip())
+    return out
+
+
+_LIST_MARKER = re.compile(r"\d{1,2}[.)]")
 
 
 @functools.lru_cache(maxsize=16384)

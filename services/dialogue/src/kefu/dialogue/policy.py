@@ -203,7 +203,39 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
                 if p.heading and len(content_tokens(shown)) <= _TERSE and not content_tokens(p.heading) & content_tokens(shown):
                     shown = f"{p.heading}: {shown}"  # "2 years." alone does not say of what
                 best = (key, Evidence(shown, p.doc_id, required, score))
+    if best is not None and asks_how(focus or query):
+        # "怎么恢复出厂？" / "how do I reset it?": the document's numbered steps are the answer.
+        steps = _steps([p for p in passages if p.doc_id == best[1].doc_id])
+        if steps:
+            return Evidence("\n".join(steps), best[1].doc_id, frozenset(), best[1].score)
     return best[1] if best else None
+
+
+_HOW = re.compile(r"怎么|怎样|如何|步骤|怎么办|\bhow (do|can|to|should|would)\b|\bsteps?\b|\bwhat (should|do) i do\b",
+                  re.I)
+_STEP = re.compile(r"^\s*(\d{1,2})[.、)]\s*\S")
+MAX_STEPS = 8
+
+
+def asks_how(text: str) -> bool:
+    """Whether ``text`` asks how to do something ("怎么恢复出厂", "how do I reset it")."""
+    return bool(_HOW.search(text))
+
+
+def _steps(passages: list[Passage]) -> list[str]:
+    """The numbered steps (1., 2., 3. ...) in a document's passages, in order, each once; [] unless
+    there are at least two that follow each other."""
+    found: dict[int, str] = {}
+    for p in passages:
+        for line in p.text.splitlines():
+            if (m := _STEP.match(line)) and int(m.group(1)) not in found:
+                found[int(m.group(1))] = line.strip()
+    steps = []
+    for n in range(1, MAX_STEPS + 1):
+        if n not in found:
+            break
+        steps.append(found[n])
+    return steps if len(steps) >= 2 else []
 
 
 MAX_CONTEXT_CHARS = 400
