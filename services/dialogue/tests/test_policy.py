@@ -167,3 +167,12 @@ def test_a_how_to_question_is_answered_with_the_documents_steps():
     assert ev.sentence.splitlines() == ["1. 保持路由器通电。", "2. 用卡针按住 RESET 孔约 5 秒。", "3. 看到指示灯闪烁后松开。"]
     # Not a how-to question: the sentence that answers it.
     assert best_evidence("AX3000-R 忘了管理密码能恢复出厂吗", [intro, steps]).sentence.startswith("当您忘记")
+
+
+def test_a_product_ruled_out_is_another_product_not_a_code_asked_about():
+    plans = Passage("inst", "Installment Payments",
+                    "- 12 months: 0.5% fee per month, except for the X200, which is interest-free\n"
+                    "An X100 Pro (4,299 yuan) paid over 6 months costs 716.50 yuan a month.")
+    ev = best_evidence("I meant the X100 Pro, not the X200. What would that be per month over 6 months?", [plans],
+                       focus="I meant the X100 Pro, not the X200. What would that be per month over 6 months?")
+    assert "716.50" in ev.sentence

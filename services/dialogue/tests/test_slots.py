@@ -94,3 +94,8 @@ def test_a_product_ruled_out_is_not_the_subject():
     assert extract("Wait, sorry, I meant the X100 Pro, not the X200. Per month?", now)["product"] == "X100 Pro"
     assert extract("我说的是 X100 Pro，不是 X200", now)["product"] == "X100 Pro"
     assert extract("Is the X200 better than the X100?", now)["product"] == "X100"  # no negation: the last
+
+
+def test_measure_words_point_back_at_the_product():
+    assert rewrite("这盏灯插在电脑上老是闪，怎么回事？", {"product": "L2"}) == "L2 这盏灯插在电脑上老是闪，怎么回事？"
+    assert rewrite("那台还有货吗", {"product": "RV-500"}) == "RV-500 那台还有货吗"

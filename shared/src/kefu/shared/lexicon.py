@@ -30,7 +30,7 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "capacity": ("容量", "几升", "多少水", "装多少", "capacity", "litre", "litres", "liter", "liters", "hold",
                  "holds"),
     "payment": ("支付", "付款", "分期", "支付宝", "微信支付", "pay", "payment", "alipay", "wechat", "installment",
-                "installments"),
+                "installments", "paid", "paying", "split the payment", "split it", "monthly", "per month", "每月", "月供"),
     "invoice": ("发票", "开票", "invoice", "receipt", "fapiao"),
     "location": ("地址", "在哪", "在哪里", "位置", "门店", "address", "where", "location", "store"),
     "membership": ("会员", "积分", "member", "membership", "points"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kefu.dialogue.slots import products
+from kefu.dialogue.slots import products, ruled_out
 from kefu.shared.lexicon import concepts, expansions
 from kefu.shared.text import content_tokens, facts, has_cjk, identifiers, query_tokens, split_sentences
 
@@ -157,7 +157,8 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     # The product's name identifies the document (``identity``); it is not what the question asks.
     name_tokens = frozenset(t for name in named for t in content_tokens(name))
     quantity = asks_quantity(query)
-    codes = identifiers(query)
+    # A product the question rules out ("not the X200") is another product, not a code it asks about.
+    codes = identifiers(query) - {c for name in ruled_out(query) for c in identifiers(name)}
     # Codes that are not the product: error codes, order numbers, SKUs. A sentence with one answers.
     asked_codes = codes - {c for name in named for c in identifiers(name)}
     best: tuple[tuple[float, float, int], Evidence] | None = None

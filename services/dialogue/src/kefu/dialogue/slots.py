@@ -28,7 +28,7 @@ _MD_DATE = re.compile(r"(?<!\d)(\d{1,2})月(\d{1,2})[日号]")
 # An identifier right after these words is an error or status code, not a product.
 _CODE_CUE = re.compile(r"(error|code|shows?|showing|says|display(?:s|ing)?|显示|报错|故障|错误|提示|出现|代码)\s*[:：]?\s*$", re.I)
 _NEGATED = re.compile(r"(\bnot|n't|\binstead of|\brather than|不是|而不是|不是说)\s*(the|a|my|an)?\s*$", re.I)
-_BACK_REFERENCE = re.compile(r"它|这个|这款|那个|那款|这台|那台|该产品|\b(it|its|this one|that one|that|this)\b", re.I)
+_BACK_REFERENCE = re.compile(r"它|这个|这款|那个|那款|[这那](?:台|盏|部|只|把|件|块|副|套|条|双|个)|该产品|\b(it|its|this one|that one|that|this)\b", re.I)
 _RELATIVE = {
     "今天": 0, "today": 0, "昨天": -1, "yesterday": -1, "前天": -2,
 }
@@ -52,9 +52,7 @@ def _relative_date(text: str, now: dt.date) -> dt.date | None:
 
 def products(text: str) -> set[str]:
     """The products ``text`` names, normalized ("X100 Pro" -> "x100 pro"; error codes excluded)."""
-    text = unicodedata.normalize("NFKC", text)
-    return {" ".join(m.group().lower().split()) for m in _PRODUCT.finditer(text)
-            if not _CODE_CUE.search(text[:m.start()])}
+    return {" ".join(name.lower().split()) for name in product_names(text)}
 
 
 def product_names(text: str) -> list[str]:
@@ -64,6 +62,13 @@ def product_names(text: str) -> list[str]:
     # "I meant the X100 Pro, not the X200" / "是 X100 Pro，不是 X200": the one ruled out is not the subject.
     kept = [m.group().strip() for m in named if not _NEGATED.search(text[:m.start()])]
     return kept or [m.group().strip() for m in named]
+
+
+def ruled_out(text: str) -> set[str]:
+    """The products ``text`` rules out ("not the X200"), normalized."""
+    text = unicodedata.normalize("NFKC", text)
+    return {" ".join(m.group().lower().split()) for m in _PRODUCT.finditer(text)
+            if _NEGATED.search(text[:m.start()]) and not _CODE_CUE.search(text[:m.start()])}
 
 
 def extract(text: str, now: dt.datetime) -> dict[str, str]:
