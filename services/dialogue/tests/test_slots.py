@@ -99,3 +99,13 @@ def test_a_product_ruled_out_is_not_the_subject():
 def test_measure_words_point_back_at_the_product():
     assert rewrite("这盏灯插在电脑上老是闪，怎么回事？", {"product": "L2"}) == "L2 这盏灯插在电脑上老是闪，怎么回事？"
     assert rewrite("那台还有货吗", {"product": "RV-500"}) == "RV-500 那台还有货吗"
+
+
+def test_a_member_tier_is_remembered_for_the_questions_about_membership():
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    assert extract("金卡会员一年要花多少钱才能达到？", now)["tier"] == "gold"
+    assert extract("哦我看错了，我现在其实是银卡", now)["tier"] == "silver"
+    assert extract("铂金卡有什么权益", now)["tier"] == "platinum"  # not also gold
+    assert rewrite("生日券有多少？", {"tier": "gold"}) == "金卡 gold 生日券有多少？"
+    assert rewrite("How much is the X100?", {"tier": "gold"}) == "How much is the X100?"  # not about membership
+    assert rewrite("银卡的生日券呢", {"tier": "gold"}).startswith("银卡")  # names its own tier

@@ -63,6 +63,30 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
 
 # Concepts that describe a product (a question about one of them, without a product, is about the last
 # product mentioned); the others (hours, location, payment...) are about the shop.
+# Concepts that name one of a set of alternatives the visitor has (their member tier): remembered as a
+# slot and carried into the questions about the group's topics ("生日券有多少？" after "我是金卡").
+ENTITY_GROUPS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    "tier": (("tier_regular", "tier_silver", "tier_gold", "tier_platinum"),
+             frozenset({"membership", "birthday", "shipping", "returns"})),
+}
+
+
+def entity(text: str, group: str) -> str:
+    """The one alternative of ``group`` that ``text`` names ("tier_gold"), or "" (none, or several)."""
+    names = concepts(text) & set(ENTITY_GROUPS[group][0])
+    return next(iter(names)) if len(names) == 1 else ""
+
+
+def entity_words(name: str) -> str:
+    """The words of an entity concept in both languages, for a query ("金卡 gold")."""
+    words = [w for w in CONCEPTS[name] if not w.startswith("re:")]
+    chinese = next((w for w in words if has_cjk(w)), "")
+    english = next((w for w in words if not has_cjk(w)), "")
+    if name == "tier_gold":
+        chinese = "金卡"  # its Chinese pattern is a regular expression (not 铂金卡)
+    return " ".join(w for w in (chinese, english) if w)
+
+
 PRODUCT_ATTRIBUTES = frozenset({"price", "warranty", "battery", "charging", "screen", "weight", "capacity", "camera",
                                 "wireless", "waterproof", "temperature", "coverage", "filter", "light", "obstacle",
                                 "runtime", "mesh"})

@@ -13,7 +13,7 @@ import datetime as dt
 import re
 import unicodedata
 
-from kefu.shared.lexicon import PRODUCT_ATTRIBUTES, concepts
+from kefu.shared.lexicon import ENTITY_GROUPS, PRODUCT_ATTRIBUTES, concepts, entity, entity_words
 from kefu.shared.text import has_cjk, split_sentences
 
 _SUFFIX = r"(?:\s?(?:Pro\+?|Max|Plus|Ultra|Mini|Lite|SE|Air))?"
@@ -94,6 +94,9 @@ def extract(text: str, now: dt.datetime) -> dict[str, str]:
         date = _relative_date(text, now.date())
     if date:
         slots["date"] = date.isoformat()
+    for group in ENTITY_GROUPS:
+        if name := entity(text, group):
+            slots[group] = name.split("_", 1)[1]  # "gold"
     return slots
 
 
@@ -169,6 +172,11 @@ def rewrite(text: str, slots: dict[str, str], previous: str = "") -> str:
         return f"{product} {text}"
     if previous and elliptical(text):
         return f"{_tail(previous)} {text}"
+    # "生日券有多少？" from a visitor who said they are 金卡: the remembered tier goes with it.
+    for group, (names, topics) in ENTITY_GROUPS.items():
+        value = slots.get(group)
+        if value and f"{group}_{value}" in names and not entity(text, group) and concepts(text) & topics:
+            return f"{entity_words(f'{group}_{value}')} {text}"
     return text
 
 
