@@ -37,7 +37,6 @@ from kefu.shared.service import Service
 from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_budget_kv, llm_stream, media_store
 
 CONSUMER = "inference"
-_NOTHING = object()
 HEARTBEAT_S = 1.0
 # After the first chunk (sent at once), text is sent at most every FLUSH_S: a reader sees no difference
 # at 100 tokens/s, and the engine keeps the cores the messages would take (2 cores here).
@@ -68,6 +67,8 @@ class InferenceSettings(KefuSettings):
     llm_tenant_tokens_per_minute: int = Field(default=0, ge=0)
     # LoRA adapters per tenant: "acme=/models/acme.gguf,globex=/models/globex.gguf@0.5" (scale after @).
     llm_lora: str = ""
+    # Serve kefu.inference.ocr (RapidOCR, loaded at start-up).
+    ocr_enabled: bool = True
 
     def lora_adapters(self) -> dict[str, tuple[Path, float]]:
         """tenant -> (adapter path, scale), from ``llm_lora``."""
@@ -82,8 +83,6 @@ class InferenceSettings(KefuSettings):
             except ValueError:
                 raise ValueError(f"KEFU_LLM_LORA: {item!r} has a scale that is not a number") from None
         return out
-    # Serve kefu.inference.ocr (RapidOCR, loaded at start-up).
-    ocr_enabled: bool = True
 
 
 class InferenceService(Service):
@@ -110,14 +109,14 @@ class InferenceService(Service):
             await bus.serve("kefu.inference.ocr", llm_pb2.OcrRequest, self._ocr, queue="ocr", max_inflight=8)
         self.backend = await self._backend()
         self.log.info("model ready", backend=self.settings.llm_backend, model=self.backend.model_name)
-        for tenant, (adapter, scale) in self.settings.lora_adapters().items():
-            if self.settings.llm_backend != "llama_cpp":
+        s = self.settings
+        for tenant, (adapter, scale) in s.lora_adapters().items():
+            if not isinstance(self.backend, LlamaCppBackend):
                 raise ValueError("KEFU_LLM_LORA needs KEFU_LLM_BACKEND=llama_cpp")
-            s = self.settings
-            path = resolve(DEFAULT_LLM, s.data_dir, s.llm_model)
+            # The model checked once (above); each adapter's engine maps the same file.
             self.tenant_backends[tenant] = await asyncio.to_thread(
-                LlamaCppBackend, path, n_ctx=s.llm_ctx, threads=s.llm_threads, prefix_cache=s.llm_prefix_cache,
-                lora=adapter, lora_scale=scale)
+                LlamaCppBackend, self.backend.path, n_ctx=s.llm_ctx, threads=s.llm_threads,
+                prefix_cache=s.llm_prefix_cache, lora=adapter, lora_scale=scale)
             self.log.info("lora adapter ready", tenant=tenant, model=self.tenant_backends[tenant].model_name)
         await ensure_stream(bus.js, llm_stream(self.settings.llm_queue_limit))
         self.budget = await ensure_kv(bus.js, llm_budget_kv())
@@ -249,6 +248,16 @@ class InferenceService(Service):
         finally:
             alive.cancel()
 
+    def _failure(self, job: llm_pb2.GenerateRequest, exc: Exception) -> tuple[str, str]:
+        """The error code and message a failed job reports to its requester."""
+        if isinstance(exc, BadParams):
+            return "invalid_field", str(exc)
+        if isinstance(exc, UpstreamError):
+            self.log.warning("upstream failed", job_id=job.job_id, error=str(exc))
+            return "unavailable", str(exc)
+        self.log.error("generation failed", job_id=job.job_id, error=str(exc))
+        return "internal", "generation failed"
+
     async def _heartbeat(self, bus: Bus, msg: Msg, job: llm_pb2.GenerateRequest) -> None:
         """Tell the requester the job is alive, and JetStream not to redeliver it, every second."""
         while True:
@@ -290,55 +299,30 @@ class InferenceService(Service):
         used = 0
         t0 = time.perf_counter()
         first_token_ms = 0
-        held: object = _NOTHING
         carry = ""  # text held back to go out with the next chunk
         last_sent = 0.0
-        while True:
-            item, held = (await queue.get() if held is _NOTHING else held), _NOTHING
-            if item is None:
-                break
-            if isinstance(item, BadParams):
-                await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
-                    job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="invalid_field",
-                    error_message=str(item)))
-                break
-            if isinstance(item, UpstreamError):
-                self.log.warning("upstream failed", job_id=job.job_id, error=str(item))
-                await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
-                    job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="unavailable",
-                    error_message=str(item)))
-                break
+        while (item := await queue.get()) is not None:
             if isinstance(item, Exception):
-                self.log.error("generation failed", job_id=job.job_id, error=str(item))
+                code, message = self._failure(job, item)
                 await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
-                    job_id=job.job_id, index=index, done=True, finish_reason="error", error_code="internal",
-                    error_message="generation failed"))
+                    job_id=job.job_id, index=index, done=True, finish_reason="error", error_code=code,
+                    error_message=message))
                 break
-            text, carry = carry + item.text, ""  # type: ignore[attr-defined]
+            assert isinstance(item, Piece)
+            text, carry = carry + item.text, ""
             if text and not first_token_ms:
                 first_token_ms = max(1, round((time.perf_counter() - t0) * 1000))
-            # Pieces that arrived while the last chunk was being sent go out as one chunk: fewer
-            # messages when the bus is the slower side, no added wait when it is not.
-            while not item.finish_reason and not queue.empty():  # type: ignore[attr-defined]
-                following = queue.get_nowait()
-                if isinstance(following, Piece) and not following.finish_reason:
-                    text += following.text
-                    continue
-                held = following
-                break
-            chunk = llm_pb2.GenerateChunk(job_id=job.job_id, index=index, text=text,
-                                          model=backend.model_name if item.finish_reason else "",  # type: ignore[attr-defined]
-                                          done=bool(item.finish_reason),  # type: ignore[attr-defined]
-                                          finish_reason=item.finish_reason,  # type: ignore[attr-defined]
-                                          prompt_tokens=item.prompt_tokens,  # type: ignore[attr-defined]
-                                          completion_tokens=item.completion_tokens)  # type: ignore[attr-defined]
-            if not chunk.done and index and time.perf_counter() - last_sent < FLUSH_S:
+            done = bool(item.finish_reason)
+            if not done and index and time.perf_counter() - last_sent < FLUSH_S:
                 carry = text  # a chunk went out moments ago: this text joins the next one
                 continue
-            if chunk.done:
+            chunk = llm_pb2.GenerateChunk(job_id=job.job_id, index=index, text=text, done=done,
+                                          model=backend.model_name if done else "", finish_reason=item.finish_reason,
+                                          prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens)
+            if done:
                 chunk.first_token_ms = first_token_ms
                 chunk.duration_ms = round((time.perf_counter() - t0) * 1000)
-            used = item.prompt_tokens + item.completion_tokens  # type: ignore[attr-defined]
+            used = item.prompt_tokens + item.completion_tokens
             await bus.publish(job.reply_inbox, chunk)
             last_sent = time.perf_counter()
             index += 1

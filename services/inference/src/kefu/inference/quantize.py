@@ -35,7 +35,7 @@ def quantize(source: Path, target: Path, type_name: str, *, threads: int | None 
         if f.read(4) != b"GGUF":
             raise QuantizeError(f"{source} is not a GGUF model")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}" if name != "F16" else "LLAMA_FTYPE_MOSTLY_F16")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
     params.allow_requantize = True
     params.nthread = threads or os.cpu_count() or 1
     partial = target.with_name(f".{target.name}.partial")
