@@ -53,7 +53,7 @@ class Memory:
 
     label: str
     product: str
-    vector: tuple[tuple[str, float], ...]
+    vector: dict[str, float]
     last_seq: int
     concepts: tuple[str, ...] = ()
 
@@ -87,7 +87,7 @@ def fold(state: State, before_seq: int | None = None, recent: int = RECENT_EXCHA
     topics: dict[str, list[Exchange]] = {}
     labels: dict[str, str] = {}
     for ex in older:
-        label = _topic(ex)
+        label = _topic_of(ex.question)
         key = " ".join(label.lower().split())  # "X100" and "x100" are one topic
         labels[key] = label
         topics.setdefault(key, []).append(ex)
@@ -114,14 +114,9 @@ def recall(memories: Iterable[Memory], text: str) -> Memory | None:
         return None
     total = sum(q.values())
     # How much of what it names the memory holds; the cosine breaks ties.
-    scored = [(sum(v for w, v in q.items() if w in dict(m.vector)) / total, _cosine(q, dict(m.vector)), m)
-              for m in memories]
+    scored = [(sum(v for w, v in q.items() if w in m.vector) / total, _cosine(q, m.vector), m) for m in memories]
     best = max(scored, key=lambda s: s[:2], default=None)
     return best[2] if best is not None and best[0] >= MIN_RECALL else None
-
-
-def _topic(ex: Exchange) -> str:
-    return _topic_of(ex.question)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,10 +130,9 @@ def _topic_of(question: str) -> str:
 
 def _memory(label: str, exs: list[Exchange]) -> Memory:
     texts = [t for ex in exs for t in (ex.question, ex.evidence, " ".join(c.replace("-", " ") for c in ex.citations))]
-    vector = _vector(texts)
     is_product = bool(products(label))
     asked = sorted({c for ex in exs for c in concepts(ex.question)} - {label})
-    return Memory(label, label if is_product else "", tuple(sorted(vector.items())), exs[-1].seq, tuple(asked))
+    return Memory(label, label if is_product else "", _vector(texts), exs[-1].seq, tuple(asked))
 
 
 @functools.lru_cache(maxsize=4096)
