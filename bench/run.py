@@ -53,16 +53,15 @@ async def engine_vs_service(data_dir: Path, model: Path, runs: int, threads: int
     import subprocess
     import sys
 
-    from llama_cpp import Llama
-
     from bench.inference import timed_job
     from kefu.proto.bus.v1 import common_pb2
     from kefu.shared.bus import Bus
     from kefu.shared.errors import KefuError
+    from kefu.inference.backend import open_llama
     from kefu.shared.natsserver import NatsServer
 
     # Like the service, the engine keeps its context between calls, so the prompt prefix is reused.
-    llm = Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = open_llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     raw: dict[str, list[float]] = {"ttft": [], "tps": []}
     svc: dict[str, list[float]] = {"ttft": [], "tps": []}
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as nats:

@@ -26,6 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 MESSAGES = [{"role": "system", "content": "You are a customer service assistant."},
             {"role": "user", "content": "Say hello to the customer in one sentence."}]
 
+SERVER = ("import runpy; from kefu.inference.backend import avoid_amx_buffers; avoid_amx_buffers(); "
+          "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +44,9 @@ def upstream(gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     log = tmp_path_factory.mktemp("upstream") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
+        # llama.cpp's server as its own module would run it, with the same engine settings as the
+        # in-process backend (no AMX weight buffers where the CPU has AMX: they crash llama.cpp there).
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, "--model", str(gguf), "--model_alias",
                                  "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
                                  "--n_threads", "2"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"

@@ -72,6 +72,46 @@ class UpstreamError(Exception):
     """The model upstream is unreachable or answered with an error (reported as ``unavailable``)."""
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (Sapphire Rapids and later)."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@functools.cache
+def avoid_amx_buffers() -> None:
+    """Make every model this process loads skip llama.cpp's extra weight buffers where the CPU has AMX.
+
+    There llama.cpp moves the weights into AMX buffers, and its AMX matrix product crashes the process on
+    some of those machines (ggml-org/llama.cpp#20824, unfixed; seen here in the middle of a long
+    prompt). llama-cpp-python does not expose the switch (``use_extra_bufts``), so the function it takes
+    its default model parameters from is wrapped, once per process.
+    """
+    if not cpu_has_amx():
+        return
+    import llama_cpp.llama_cpp as capi
+
+    defaults = capi.llama_model_default_params
+
+    def without_extra_buffers():  # noqa: ANN202 (llama_cpp's ctypes struct)
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    capi.llama_model_default_params = without_extra_buffers
+
+
+def open_llama(model_path: str, **kwargs: object):  # noqa: ANN201 (llama_cpp.Llama, imported lazily)
+    """A ``llama_cpp.Llama`` for ``model_path`` that is safe on every CPU (see :func:`avoid_amx_buffers`)."""
+    from llama_cpp import Llama
+
+    avoid_amx_buffers()
+    return Llama(model_path=model_path, **kwargs)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_grammar(json_schema: str, gbnf: str):  # noqa: ANN202
     """A compiled grammar, cached: the same schema comes with every job of a task."""
@@ -105,14 +145,14 @@ class LlamaCppBackend:
 
     def __init__(self, path: Path, *, n_ctx: int = 2048, threads: int = 2, prefix_cache: bool = True,
                  cache_mb: int = 0, lora: Path | None = None, lora_scale: float = 1.0) -> None:
-        from llama_cpp import Llama, LlamaRAMCache
+        from llama_cpp import LlamaRAMCache
 
         self.path = path
         # A LoRA adapter (GGUF) applied on top of the model; the weights stay shared (memory-mapped).
         self.model_name = f"{path.name}+{lora.name}" if lora else path.name
         if lora is not None and not lora.is_file():
             raise ValueError(f"LoRA adapter {lora} does not exist")
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+        self.llm = open_llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                          lora_path=str(lora) if lora else None, lora_scale=lora_scale, verbose=False)
         self.prefix_cache = prefix_cache
         if prefix_cache and cache_mb > 0:
