@@ -54,10 +54,10 @@ async def engine_vs_service(data_dir: Path, model: Path, runs: int, threads: int
     import sys
 
     from bench.inference import timed_job
+    from kefu.inference.backend import open_llama
     from kefu.proto.bus.v1 import common_pb2
     from kefu.shared.bus import Bus
     from kefu.shared.errors import KefuError
-    from kefu.inference.backend import open_llama
     from kefu.shared.natsserver import NatsServer
 
     # Like the service, the engine keeps its context between calls, so the prompt prefix is reused.

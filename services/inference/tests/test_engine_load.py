@@ -1,9 +1,9 @@
 """The engine loads safely on every CPU: AMX weight buffers (which crash llama.cpp on some Sapphire
 Rapids machines, ggml-org/llama.cpp#20824) are not used where the CPU has AMX."""
 
+import llama_cpp.llama_cpp as capi
 import pytest
 
-import llama_cpp.llama_cpp as capi
 from kefu.inference.backend import cpu_has_amx, open_llama
 from kefu.shared.models import models_dir
 
