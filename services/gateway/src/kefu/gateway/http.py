@@ -1,4 +1,4 @@
-"""The HTTP, SSE and WebSocket API of CONTRACT.md (aiohttp)."""
+"""The HTTP and SSE API of CONTRACT.md (aiohttp); the WebSockets are in :mod:`kefu.gateway.sockets`."""
 
 from __future__ import annotations
 
@@ -9,21 +9,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
-from google.protobuf.json_format import MessageToDict
+from aiohttp import web
 
 from kefu.gateway.auth import Auth, bearer
 from kefu.gateway.core import Core, Delta, Final
 from kefu.gateway.ratelimit import RateLimiter
-from kefu.proto.bus.v1 import turn_pb2
+from kefu.gateway.sockets import Sockets
+from kefu.gateway.wire import JSON_LIMIT, field, json_response, parse_json_object, reply_json, state_json
 from kefu.shared.bus import subject_token
-from kefu.shared.errors import BadRequest, Internal, KefuError, PayloadTooLarge, RateLimited, Unauthenticated
+from kefu.shared.errors import BadRequest, Internal, KefuError, PayloadTooLarge, RateLimited
 from kefu.shared.logging import get_logger
-from kefu.shared.streams import MAX_MEDIA_BYTES, out_subject
+from kefu.shared.streams import MAX_MEDIA_BYTES
 
 log = get_logger("kefu.gateway.http")
 
-JSON_LIMIT = 64 * 1024
 DOCUMENT_LIMIT = 5 * 1024 * 1024
 IMAGE_LIMIT = MAX_MEDIA_BYTES
 # Bodies up to this size are read to the end before a 413, so the client gets the answer instead of a reset.
@@ -34,15 +33,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # How often a streaming reply checks that its visitor is still connected.
 DISCONNECT_POLL_S = 0.2
-
-
-def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """JSON with Chinese (and every other script) as UTF-8 text, not \\u escapes."""
-    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
-
-
-def _dumps(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False)
 
 
 def error_response(exc: KefuError) -> web.Response:
@@ -117,56 +107,6 @@ async def read_file_part(request: web.Request, name: str, limit: int) -> bytes:
     return found
 
 
-def parse_json_object(text: str) -> dict[str, Any]:
-    """A JSON object from ``text``; escapes of lone surrogates ("\\ud800") count as invalid UTF-8."""
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(value, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_json")
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("the body holds text that is not valid UTF-8", code="invalid_utf8") from None
-    return value
-
-
-def field(body: dict[str, Any], name: str, *, required: bool = True, kind: type = str, default: Any = None) -> Any:
-    if name not in body or body[name] is None:
-        if required:
-            raise BadRequest(f"missing field {name!r}", code="missing_field")
-        return default
-    value = body[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise BadRequest(f"field {name!r} must be a {kind.__name__}", code="invalid_field")
-    return value
-
-
-def state_json(s: turn_pb2.ConversationState, *, admin: bool = False) -> dict[str, Any]:
-    """The CONTRACT state JSON; admins also see what produced each bot turn (``provenance``)."""
-    turns = []
-    for t in s.turns:
-        turn: dict[str, Any] = {"seq": t.seq, "role": t.role, "text": t.text}
-        if t.source:
-            turn["source"] = t.source
-        if t.citations:
-            turn["citations"] = list(t.citations)
-        if admin and t.HasField("provenance"):
-            turn["provenance"] = MessageToDict(t.provenance, preserving_proto_field_name=True)
-        turns.append(turn)
-    body = {"conversation_id": s.conversation_id, "tenant": s.tenant, "mode": s.mode or "bot", "seq": s.seq,
-            "turns": turns, "slots": dict(s.slots), "summary": s.summary, "tags": list(s.tags)}
-    if admin and s.handoff_summary:
-        body["handoff_summary"] = s.handoff_summary
-    return body
-
-
-def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:
-    return {"seq": r.seq, "reply": {"text": r.reply.text, "source": r.reply.source,
-                                    "citations": list(r.reply.citations)}}
-
-
 class HttpApi:
     def __init__(self, core: Core, auth: Auth, *, message_limiter: RateLimiter, start_limiter: RateLimiter,
                  agent_token_ttl: float = 12 * 3600.0) -> None:
@@ -175,6 +115,7 @@ class HttpApi:
         self.agent_token_ttl = agent_token_ttl
         self.message_limiter = message_limiter
         self.start_limiter = start_limiter
+        self.sockets = Sockets(core, auth, message_limiter=message_limiter)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware], client_max_size=IMAGE_LIMIT + 64 * 1024)
@@ -189,9 +130,9 @@ class HttpApi:
             web.get("/v1/conversations/{cid}", self.get_conversation),
             web.get("/v1/conversations/{cid}/state", self.get_state_at),
             web.post("/v1/conversations/{cid}/images", self.post_image),
-            web.get("/v1/ws", self.visitor_ws),
+            web.get("/v1/ws", self.sockets.visitor_ws),
             web.post("/v1/agents", self.create_agent),
-            web.get("/v1/agent/ws", self.agent_ws),
+            web.get("/v1/agent/ws", self.sockets.agent_ws),
         ])
         return app
 
@@ -350,133 +291,3 @@ class HttpApi:
         subject_token(agent_id)
         token = self.auth.issue_agent(agent_id, self.agent_token_ttl)
         return json_response({"agent_id": agent_id, "agent_token": token}, status=201)
-
-    async def agent_ws(self, request: web.Request) -> web.StreamResponse:
-        """The agent console: the queue of conversations waiting for a person; accept, reply, release.
-
-        Server frames: ``queue`` (on connect), ``handoff`` (a conversation starts waiting), ``accepted``
-        (with the state), ``visitor_message``, ``sent``, ``released``, ``error``. Client frames:
-        ``{"type": "accept"|"release", "conversation_id"}``, ``{"type": "reply", "conversation_id", "text"}``.
-        """
-        agent = self.auth.verify_agent(request.query.get("token") or self._token(request))
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=JSON_LIMIT)
-        await ws.prepare(request)
-        lock = asyncio.Lock()
-        subs: dict[str, Any] = {}
-
-        async def send(obj: dict[str, Any]) -> None:
-            async with lock:
-                if not ws.closed:
-                    await ws.send_str(json.dumps(obj, ensure_ascii=False))
-
-        def notice_json(n: turn_pb2.HandoffNotice) -> dict[str, Any]:
-            return {"conversation_id": n.conversation_id, "tenant": n.tenant, "summary": n.summary,
-                    "last_text": n.last_text, "since_ms": n.ts_ms, "agent_id": n.agent_id}
-
-        async def on_handoff(msg: Any) -> None:
-            with contextlib.suppress(Exception):
-                await send({"type": "handoff", **notice_json(turn_pb2.HandoffNotice.FromString(msg.data))})
-
-        async def follow(cid: str) -> None:
-            async def on_out(msg: Any) -> None:
-                with contextlib.suppress(Exception):
-                    ev = turn_pb2.OutEvent.FromString(msg.data)
-                    if ev.kind == "visitor_message":
-                        await send({"type": "visitor_message", "conversation_id": cid, "text": ev.text,
-                                    "seq": ev.seq})
-
-            if cid not in subs:
-                subs[cid] = await self.core.bus.nc.subscribe(out_subject(cid), cb=on_out)
-
-        handoff_sub = await self.core.bus.nc.subscribe("kefu.handoff.*", cb=on_handoff)
-        try:
-            await send({"type": "queue", "agent_id": agent,
-                        "conversations": [notice_json(n) for n in await self.core.waiting()]})
-            async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    continue
-                try:
-                    data = parse_json_object(msg.data)
-                    kind = data.get("type")
-                    if kind not in ("accept", "reply", "release"):
-                        raise BadRequest("type must be accept, reply or release", code="invalid_field")
-                    cid = field(data, "conversation_id")
-                    text = field(data, "text") if kind == "reply" else ""
-                    reply = await self.core.agent_action(cid, agent, kind, text)
-                    if kind == "accept":
-                        await follow(cid)
-                        await send({"type": "accepted", "conversation_id": cid, "state": state_json(reply.state, admin=True)})
-                    elif kind == "reply":
-                        await send({"type": "sent", "conversation_id": cid, "seq": reply.seq})
-                    else:
-                        if cid in subs:
-                            with contextlib.suppress(Exception):
-                                await subs.pop(cid).unsubscribe()
-                        await send({"type": "released", "conversation_id": cid, "seq": reply.seq})
-                except KefuError as exc:
-                    await send({"type": "error", "code": exc.code, "message": exc.message})
-        finally:
-            for sub in (handoff_sub, *subs.values()):
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        return ws
-
-    async def visitor_ws(self, request: web.Request) -> web.StreamResponse:
-        token = request.query.get("token") or self._token(request)
-        if not token:
-            raise Unauthenticated("a visitor token is required (?token=)")
-        grant = self.auth.verify_visitor(token)
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=JSON_LIMIT)
-        await ws.prepare(request)
-        cid = grant.conversation_id
-        send_lock = asyncio.Lock()
-
-        async def send(obj: dict[str, Any]) -> None:
-            async with send_lock:
-                if not ws.closed:
-                    await ws.send_str(json.dumps(obj, ensure_ascii=False))
-
-        async def on_out(msg: Any) -> None:
-            with contextlib.suppress(Exception):
-                ev = turn_pb2.OutEvent.FromString(msg.data)
-                if ev.kind == "agent_message":
-                    await send({"type": "agent_message", "text": ev.text})
-
-        sub = await self.core.bus.nc.subscribe(out_subject(cid), cb=on_out)
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def handle(text: str, cmid: str) -> None:
-            try:
-                self.message_limiter.check(cid)
-                async for item in self.core.send_message(cid, text, cmid):
-                    if isinstance(item, Delta):
-                        await send({"type": "delta", "text": item.text})
-                    else:
-                        await send({"type": "reply", **reply_json(item.reply)})
-            except KefuError as exc:
-                await send({"type": "error", "code": exc.code, "message": exc.message})
-
-        try:
-            async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    if msg.type == WSMsgType.BINARY:
-                        await send({"type": "error", "code": "bad_request", "message": "send JSON text frames"})
-                    continue
-                try:
-                    data = parse_json_object(msg.data)
-                    if data.get("type") != "message":
-                        raise BadRequest("unknown frame type (expected \"message\")", code="invalid_field")
-                    text = field(data, "text")
-                    cmid = field(data, "client_msg_id", required=False, default="")
-                except KefuError as exc:
-                    await send({"type": "error", "code": exc.code, "message": exc.message})
-                    continue
-                task = asyncio.create_task(handle(text, cmid))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        finally:
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        return ws

@@ -1,0 +1,74 @@
+"""The JSON shapes of the public API (CONTRACT.md), shared by the HTTP routes and the sockets."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.json_format import MessageToDict
+
+from kefu.proto.bus.v1 import turn_pb2
+from kefu.shared.errors import BadRequest
+
+# Largest JSON body or frame a client may send (documents have their own, larger limit).
+JSON_LIMIT = 64 * 1024
+
+
+def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """JSON with Chinese (and every other script) as UTF-8 text, not \\u escapes."""
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A JSON object from ``text``; escapes of lone surrogates ("\\ud800") count as invalid UTF-8."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("the body holds text that is not valid UTF-8", code="invalid_utf8") from None
+    return value
+
+
+def field(body: dict[str, Any], name: str, *, required: bool = True, kind: type = str, default: Any = None) -> Any:
+    if name not in body or body[name] is None:
+        if required:
+            raise BadRequest(f"missing field {name!r}", code="missing_field")
+        return default
+    value = body[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BadRequest(f"field {name!r} must be a {kind.__name__}", code="invalid_field")
+    return value
+
+
+def state_json(s: turn_pb2.ConversationState, *, admin: bool = False) -> dict[str, Any]:
+    """The CONTRACT state JSON; admins also see what produced each bot turn (``provenance``)."""
+    turns = []
+    for t in s.turns:
+        turn: dict[str, Any] = {"seq": t.seq, "role": t.role, "text": t.text}
+        if t.source:
+            turn["source"] = t.source
+        if t.citations:
+            turn["citations"] = list(t.citations)
+        if admin and t.HasField("provenance"):
+            turn["provenance"] = MessageToDict(t.provenance, preserving_proto_field_name=True)
+        turns.append(turn)
+    body = {"conversation_id": s.conversation_id, "tenant": s.tenant, "mode": s.mode or "bot", "seq": s.seq,
+            "turns": turns, "slots": dict(s.slots), "summary": s.summary, "tags": list(s.tags)}
+    if admin and s.handoff_summary:
+        body["handoff_summary"] = s.handoff_summary
+    return body
+
+
+def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:
+    return {"seq": r.seq, "reply": {"text": r.reply.text, "source": r.reply.source,
+                                    "citations": list(r.reply.citations)}}
