@@ -18,7 +18,7 @@ from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.gloss import Gloss
 from kefu.dialogue.memory import fold, points_back, recall
-from kefu.dialogue.policy import context_note, handoff_summary
+from kefu.dialogue.policy import context_note, handoff_summary, wants_human
 from kefu.dialogue.slots import extract, rewrite, verify_model_slots
 from kefu.dialogue.state import (
     AgentMessage,
@@ -42,6 +42,8 @@ from kefu.shared.streams import TURN_CANCEL, handoff_subject, handoffs_kv, out_s
 
 MAX_TEXT_CHARS = 4000
 APPEND_RETRIES = 5
+# How long the agent's suggestion may hold up a visitor message in human mode (a search, no model).
+SUGGEST_TIMEOUT = 5.0
 
 
 class DialogueSettings(KefuSettings):
@@ -108,6 +110,8 @@ class DialogueService(Service):
         super().__init__(settings)
         self.store: ConversationStore | None = None
         self.answerer: Answerer | None = None
+        # The same answer path without the model: the cited sentence the agent is offered in human mode.
+        self.suggester: Answerer | None = None
         # One turn at a time per conversation in this replica; other replicas are kept out by the
         # expected-last-subject-sequence check on every append.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -122,6 +126,8 @@ class DialogueService(Service):
         self.answerer = Answerer(bus, AnswerSettings(search_k=s.search_k, max_tokens=s.llm_max_tokens,
                                                      first_chunk_timeout=s.llm_first_chunk_timeout,
                                                      llm_enabled=s.llm_enabled), gloss)
+        self.suggester = Answerer(bus, AnswerSettings(search_k=s.search_k, search_timeout=SUGGEST_TIMEOUT,
+                                                      llm_enabled=False), gloss)
         await bus.serve("kefu.dialogue.start", turn_pb2.StartConversationRequest, self._start, queue="dialogue")
         await bus.serve("kefu.dialogue.turn", turn_pb2.TurnRequest, self._turn, queue="dialogue")
         await bus.serve("kefu.dialogue.get", turn_pb2.GetStateRequest, self._get, queue="dialogue")
@@ -195,7 +201,36 @@ class DialogueService(Service):
             notice = self._notice(state, agent)
             await self.handoffs.put(cid, notice.SerializeToString())
         self.log.info("agent action", conversation_id=cid, action=req.action, seq=ev.seq)
-        return turn_pb2.AgentReply(seq=ev.seq, state=state_to_proto(state))
+        reply = turn_pb2.AgentReply(seq=ev.seq, state=state_to_proto(state))
+        if req.action == "accept" and (suggestion := await self._suggest_last(state)) is not None:
+            reply.suggestion.CopyFrom(suggestion)
+        return reply
+
+    async def _suggest(self, tenant: str, text: str, query: str, kb_min_seq: int = 0) -> turn_pb2.Reply | None:
+        """What the bot would answer from the knowledge base (the cited sentence), offered to the agent of a
+        human-mode conversation; None when the knowledge base has no answer or cannot be asked now."""
+        assert self.suggester is not None
+
+        async def discard(_: str) -> None:
+            pass
+
+        try:
+            answer = await self.suggester.answer(tenant=tenant, mode="bot", text=text, query=query,
+                                                 kb_min_seq=kb_min_seq, emit=discard)
+        except KefuError as exc:  # the visitor's message reaches the agent either way
+            self.log.warning("no suggestion for the agent", code=exc.code)
+            return None
+        if answer.provenance.decision != "answered":
+            return None
+        return turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
+
+    async def _suggest_last(self, state: State) -> turn_pb2.Reply | None:
+        """The suggestion for the visitor's last question (not the request for a person itself)."""
+        for turn in reversed(state.turns):
+            if turn.role == "visitor" and turn.source != "ocr" and not wants_human(turn.text):
+                query = rewrite(turn.text, state.slots, previous_query(state, turn.seq))
+                return await self._suggest(state.tenant, turn.text, query)
+        return None
 
     @staticmethod
     def _notice(state: State, agent: str = "") -> turn_pb2.HandoffNotice:
@@ -258,16 +293,19 @@ class DialogueService(Service):
                 return turn_pb2.TurnReply(seq=seq, replayed=True, reply=turn_pb2.Reply(
                     text=turn.text, source=turn.source, citations=list(turn.citations)))
 
-            if state.mode == "human":  # the agent sees what the visitor writes
-                await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
-                    conversation_id=cid, turn_id=req.turn_id, kind="visitor_message", text=text, seq=seq))
+            # The slots before this message, updated by it (the state already holds both).
+            query = rewrite(text, state.slots, previous_query(state, seq))
+            if state.mode == "human":  # the agent sees what the visitor writes, and what the bot would answer
+                seen = turn_pb2.OutEvent(conversation_id=cid, turn_id=req.turn_id, kind="visitor_message",
+                                         text=text, seq=seq)
+                if (suggestion := await self._suggest(state.tenant, text, query, req.kb_min_seq)) is not None:
+                    seen.suggestion.CopyFrom(suggestion)
+                await self.bus.publish(out_subject(cid), seen)  # type: ignore[union-attr]
 
             async def emit(delta: str) -> None:
                 await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
                     conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta))
 
-            # The slots before this message, updated by it (the state already holds both).
-            query = rewrite(text, state.slots, previous_query(state, seq))
             answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
                                                 kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state),
                                                 context=conversation_note(state, seq) if self.settings.llm_enabled else "",

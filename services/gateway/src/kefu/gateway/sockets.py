@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 from kefu.gateway.auth import Auth, bearer
 from kefu.gateway.core import Core, Delta
 from kefu.gateway.ratelimit import RateLimiter
-from kefu.gateway.wire import JSON_LIMIT, field, parse_json_object, reply_json, state_json
+from kefu.gateway.wire import JSON_LIMIT, field, parse_json_object, reply_json, state_json, suggestion_json
 from kefu.proto.bus.v1 import turn_pb2
 from kefu.shared.errors import BadRequest, KefuError, Unauthenticated
 from kefu.shared.streams import out_subject
@@ -32,7 +32,9 @@ class Sockets:
         """The agent console: the queue of conversations waiting for a person; accept, reply, release.
 
         Server frames: ``queue`` (on connect), ``handoff`` (a conversation starts waiting), ``accepted``
-        (with the state), ``visitor_message``, ``sent``, ``released``, ``error``. Client frames:
+        (with the state), ``visitor_message``, ``sent``, ``released``, ``error``. ``accepted`` and
+        ``visitor_message`` carry ``suggestion`` (``{"text","citations"}``) when the knowledge base answers
+        the visitor's (last) question: what the bot would have said. Client frames:
         ``{"type": "accept"|"release", "conversation_id"}``, ``{"type": "reply", "conversation_id", "text"}``.
         """
         agent = self.auth.verify_agent(request.query.get("token") or self._token(request))
@@ -59,8 +61,10 @@ class Sockets:
                 with contextlib.suppress(Exception):
                     ev = turn_pb2.OutEvent.FromString(msg.data)
                     if ev.kind == "visitor_message":
-                        await send({"type": "visitor_message", "conversation_id": cid, "text": ev.text,
-                                    "seq": ev.seq})
+                        frame = {"type": "visitor_message", "conversation_id": cid, "text": ev.text, "seq": ev.seq}
+                        if ev.HasField("suggestion"):
+                            frame["suggestion"] = suggestion_json(ev.suggestion)
+                        await send(frame)
 
             if cid not in subs:
                 subs[cid] = await self.core.bus.nc.subscribe(out_subject(cid), cb=on_out)
@@ -82,7 +86,10 @@ class Sockets:
                     reply = await self.core.agent_action(cid, agent, kind, text)
                     if kind == "accept":
                         await follow(cid)
-                        await send({"type": "accepted", "conversation_id": cid, "state": state_json(reply.state, admin=True)})
+                        accepted = {"type": "accepted", "conversation_id": cid, "state": state_json(reply.state, admin=True)}
+                        if reply.HasField("suggestion"):
+                            accepted["suggestion"] = suggestion_json(reply.suggestion)
+                        await send(accepted)
                     elif kind == "reply":
                         await send({"type": "sent", "conversation_id": cid, "seq": reply.seq})
                     else:

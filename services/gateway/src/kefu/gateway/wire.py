@@ -69,6 +69,11 @@ def state_json(s: turn_pb2.ConversationState, *, admin: bool = False) -> dict[st
     return body
 
 
+def suggestion_json(r: turn_pb2.Reply) -> dict[str, Any]:
+    """The bot's suggested answer the agent console shows (``{"text","citations"}``)."""
+    return {"text": r.text, "citations": list(r.citations)}
+
+
 def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:
     return {"seq": r.seq, "reply": {"text": r.reply.text, "source": r.reply.source,
                                     "citations": list(r.reply.citations)}}

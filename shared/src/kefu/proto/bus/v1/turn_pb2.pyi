@@ -541,18 +541,26 @@ class AgentReply(_message.Message):
 
     SEQ_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    SUGGESTION_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     @_builtins.property
     def state(self) -> Global___ConversationState: ...
+    @_builtins.property
+    def suggestion(self) -> Global___Reply:
+        """accept: what the bot would answer to the visitor's last question from the knowledge base (the
+        cited sentence), for the agent to use or not; unset when the knowledge base has no answer.
+        """
+
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         state: Global___ConversationState | None = ...,
+        suggestion: Global___Reply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "suggestion", b"suggestion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "state", b"state", "suggestion", b"suggestion"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,6 +617,7 @@ class OutEvent(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     REPLY_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    SUGGESTION_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     turn_id: _builtins.str
     kind: _builtins.str
@@ -617,6 +626,12 @@ class OutEvent(_message.Message):
     seq: _builtins.int
     @_builtins.property
     def reply(self) -> Global___Reply: ...
+    @_builtins.property
+    def suggestion(self) -> Global___Reply:
+        """visitor_message: what the bot would have answered from the knowledge base (the cited sentence,
+        no generation), for the agent; unset when the knowledge base has no answer.
+        """
+
     def __init__(
         self,
         *,
@@ -626,10 +641,11 @@ class OutEvent(_message.Message):
         text: _builtins.str = ...,
         reply: Global___Reply | None = ...,
         seq: _builtins.int = ...,
+        suggestion: Global___Reply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "suggestion", b"suggestion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "kind", b"kind", "reply", b"reply", "seq", b"seq", "text", b"text", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "kind", b"kind", "reply", b"reply", "seq", b"seq", "suggestion", b"suggestion", "text", b"text", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
