@@ -41,6 +41,9 @@ class Event(_message.Message):
     OCR_RESULT_FIELD_NUMBER: _builtins.int
     TAG_ADDED_FIELD_NUMBER: _builtins.int
     TAG_REMOVED_FIELD_NUMBER: _builtins.int
+    TOOL_PROPOSED_FIELD_NUMBER: _builtins.int
+    TOOL_CONFIRMED_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique; used as Nats-Msg-Id so a retried append is stored once."""
     conversation_id: _builtins.str
@@ -69,6 +72,12 @@ class Event(_message.Message):
     def tag_added(self) -> Global___TagAdded: ...
     @_builtins.property
     def tag_removed(self) -> Global___TagRemoved: ...
+    @_builtins.property
+    def tool_proposed(self) -> Global___ToolCallProposed: ...
+    @_builtins.property
+    def tool_confirmed(self) -> Global___ToolCallConfirmed: ...
+    @_builtins.property
+    def tool_result(self) -> Global___ToolCallResult: ...
     def __init__(
         self,
         *,
@@ -88,12 +97,15 @@ class Event(_message.Message):
         ocr_result: Global___OcrResult | None = ...,
         tag_added: Global___TagAdded | None = ...,
         tag_removed: Global___TagRemoved | None = ...,
+        tool_proposed: Global___ToolCallProposed | None = ...,
+        tool_confirmed: Global___ToolCallConfirmed | None = ...,
+        tool_result: Global___ToolCallResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "visitor_message", b"visitor_message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tool_confirmed", b"tool_confirmed", "tool_proposed", b"tool_proposed", "tool_result", b"tool_result", "visitor_message", b"visitor_message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "conversation_id", b"conversation_id", "id", b"id", "lamport", b"lamport", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "seq", b"seq", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tenant", b"tenant", "ts_ms", b"ts_ms", "visitor_message", b"visitor_message", "writer", b"writer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "conversation_id", b"conversation_id", "id", b"id", "lamport", b"lamport", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "seq", b"seq", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tenant", b"tenant", "tool_confirmed", b"tool_confirmed", "tool_proposed", b"tool_proposed", "tool_result", b"tool_result", "ts_ms", b"ts_ms", "visitor_message", b"visitor_message", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "visitor_message", "bot_reply", "agent_message", "mode_changed", "slot_set", "ocr_result", "tag_added", "tag_removed"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "visitor_message", "bot_reply", "agent_message", "mode_changed", "slot_set", "ocr_result", "tag_added", "tag_removed", "tool_proposed", "tool_confirmed", "tool_result"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -443,3 +455,132 @@ class OcrResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OcrResult: _TypeAlias = OcrResult  # noqa: Y015
+
+@_typing.final
+class ToolCallProposed(_message.Message):
+    """The bot offers to run a plugin tool; a side-effecting one runs only after a ToolCallConfirmed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_SHA256_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    IN_REPLY_TO_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    plugin: _builtins.str
+    tool: _builtins.str
+    arguments_json: _builtins.str
+    arguments_sha256: _builtins.str
+    """SHA-256 (hex) of arguments_json: the confirmation names exactly these arguments."""
+    confirmation: _builtins.str
+    """Who must confirm: "none", "visitor" or "agent"."""
+    summary: _builtins.str
+    """What the visitor is asked to confirm, as shown to them."""
+    in_reply_to: _builtins.int
+    """The seq of the visitor message that asked for it."""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        plugin: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+        arguments_sha256: _builtins.str = ...,
+        confirmation: _builtins.str = ...,
+        summary: _builtins.str = ...,
+        in_reply_to: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "arguments_sha256", b"arguments_sha256", "call_id", b"call_id", "confirmation", b"confirmation", "in_reply_to", b"in_reply_to", "plugin", b"plugin", "summary", b"summary", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallProposed: _TypeAlias = ToolCallProposed  # noqa: Y015
+
+@_typing.final
+class ToolCallConfirmed(_message.Message):
+    """The visitor (or an agent) confirmed or declined a proposed call, in a turn of its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_SHA256_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    MESSAGE_SEQ_FIELD_NUMBER: _builtins.int
+    DECLINED_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    plugin: _builtins.str
+    tool: _builtins.str
+    arguments_sha256: _builtins.str
+    by: _builtins.str
+    """"visitor" or "agent:<id>"."""
+    message_seq: _builtins.int
+    """The seq of the visitor message (or agent action) that confirmed."""
+    declined: _builtins.bool
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        plugin: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        arguments_sha256: _builtins.str = ...,
+        by: _builtins.str = ...,
+        message_seq: _builtins.int = ...,
+        declined: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_sha256", b"arguments_sha256", "by", b"by", "call_id", b"call_id", "declined", b"declined", "message_seq", b"message_seq", "plugin", b"plugin", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallConfirmed: _TypeAlias = ToolCallConfirmed  # noqa: Y015
+
+@_typing.final
+class ToolCallResult(_message.Message):
+    """What a tool call returned (or why it failed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    PLUGIN_VERSION_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    plugin: _builtins.str
+    tool: _builtins.str
+    ok: _builtins.bool
+    result_json: _builtins.str
+    error_code: _builtins.str
+    error_message: _builtins.str
+    plugin_version: _builtins.str
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        plugin: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        result_json: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+        plugin_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error_code", b"error_code", "error_message", b"error_message", "ok", b"ok", "plugin", b"plugin", "plugin_version", b"plugin_version", "result_json", b"result_json", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallResult: _TypeAlias = ToolCallResult  # noqa: Y015

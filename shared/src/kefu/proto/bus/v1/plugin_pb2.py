@@ -25,23 +25,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/plugin.proto\x12\x0bkefu.bus.v1\"\x14\n\x12ListPluginsRequest\"_\n\x08ToolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x18\n\x10\x61rguments_schema\x18\x03 \x01(\t\x12\x16\n\x0eside_effecting\x18\x04 \x01(\x08\"Q\n\nPluginInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05tools\x18\x03 \x03(\x0b\x32\x15.kefu.bus.v1.ToolInfo\"<\n\x10ListPluginsReply\x12(\n\x07plugins\x18\x01 \x03(\x0b\x32\x17.kefu.bus.v1.PluginInfo\"\x86\x01\n\x0fToolCallRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x06plugin\x18\x03 \x01(\t\x12\x0c\n\x04tool\x18\x04 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x05 \x01(\t\x12\x14\n\x0c\x63onfirmation\x18\x06 \x01(\t\"$\n\rToolCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/plugin.proto\x12\x0bkefu.bus.v1\"$\n\x12ListPluginsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xb0\x01\n\x08ToolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x18\n\x10\x61rguments_schema\x18\x03 \x01(\t\x12\x16\n\x0eside_effecting\x18\x04 \x01(\x08\x12\x14\n\x0c\x63onfirmation\x18\x05 \x01(\t\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x12\n\nconfirm_zh\x18\x07 \x01(\t\x12\x12\n\nconfirm_en\x18\x08 \x01(\t\"\xd8\x01\n\nIntentInfo\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x10\n\x08keywords\x18\x02 \x03(\t\x12\x10\n\x08\x65xamples\x18\x03 \x03(\t\x12\x42\n\x0eslot_arguments\x18\x04 \x03(\x0b\x32*.kefu.bus.v1.IntentInfo.SlotArgumentsEntry\x12\x0e\n\x06\x61sk_zh\x18\x05 \x01(\t\x12\x0e\n\x06\x61sk_en\x18\x06 \x01(\t\x1a\x34\n\x12SlotArgumentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb0\x01\n\nPluginInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05tools\x18\x03 \x03(\x0b\x32\x15.kefu.bus.v1.ToolInfo\x12(\n\x07intents\x18\x04 \x03(\x0b\x32\x17.kefu.bus.v1.IntentInfo\x12\r\n\x05hooks\x18\x05 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x07 \x01(\x08\"C\n\x0bPluginError\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\"\x8c\x01\n\x10ListPluginsReply\x12(\n\x07plugins\x18\x01 \x03(\x0b\x32\x17.kefu.bus.v1.PluginInfo\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.kefu.bus.v1.PluginError\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x10\n\x08instance\x18\x04 \x01(\t\"\xc6\x01\n\x0fToolCallRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x06plugin\x18\x03 \x01(\t\x12\x0c\n\x04tool\x18\x04 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x05 \x01(\t\x12\x14\n\x0c\x63onfirmation\x18\x06 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\t\x12\x1f\n\x17\x63onfirmation_stream_seq\x18\x08 \x01(\x04\x12\x0c\n\x04lang\x18\t \x01(\t\"G\n\rToolCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\xd6\x01\n\x0bHookRequest\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x12\n\nreply_text\x18\x05 \x01(\t\x12\x32\n\x05slots\x18\x06 \x03(\x0b\x32#.kefu.bus.v1.HookRequest.SlotsEntry\x12\x0c\n\x04lang\x18\x07 \x01(\t\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\nHookResult\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x16\n\x0ehandoff_reason\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"5\n\tHookReply\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.kefu.bus.v1.HookResult\"\x0f\n\rReloadRequest\"`\n\x16\x43onfigurePluginRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\x12\x15\n\rsettings_json\x18\x04 \x01(\t\"^\n\x14\x43onfigurePluginReply\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\x12\x15\n\rsettings_json\x18\x04 \x01(\t\"J\n\x0cPluginConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x15\n\rsettings_json\x18\x02 \x01(\t\x12\x12\n\nupdated_ms\x18\x03 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kefu.proto.bus.v1.plugin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INTENTINFO_SLOTARGUMENTSENTRY']._loaded_options = None
+  _globals['_INTENTINFO_SLOTARGUMENTSENTRY']._serialized_options = b'8\001'
+  _globals['_HOOKREQUEST_SLOTSENTRY']._loaded_options = None
+  _globals['_HOOKREQUEST_SLOTSENTRY']._serialized_options = b'8\001'
   _globals['_LISTPLUGINSREQUEST']._serialized_start=41
-  _globals['_LISTPLUGINSREQUEST']._serialized_end=61
-  _globals['_TOOLINFO']._serialized_start=63
-  _globals['_TOOLINFO']._serialized_end=158
-  _globals['_PLUGININFO']._serialized_start=160
-  _globals['_PLUGININFO']._serialized_end=241
-  _globals['_LISTPLUGINSREPLY']._serialized_start=243
-  _globals['_LISTPLUGINSREPLY']._serialized_end=303
-  _globals['_TOOLCALLREQUEST']._serialized_start=306
-  _globals['_TOOLCALLREQUEST']._serialized_end=440
-  _globals['_TOOLCALLREPLY']._serialized_start=442
-  _globals['_TOOLCALLREPLY']._serialized_end=478
+  _globals['_LISTPLUGINSREQUEST']._serialized_end=77
+  _globals['_TOOLINFO']._serialized_start=80
+  _globals['_TOOLINFO']._serialized_end=256
+  _globals['_INTENTINFO']._serialized_start=259
+  _globals['_INTENTINFO']._serialized_end=475
+  _globals['_INTENTINFO_SLOTARGUMENTSENTRY']._serialized_start=423
+  _globals['_INTENTINFO_SLOTARGUMENTSENTRY']._serialized_end=475
+  _globals['_PLUGININFO']._serialized_start=478
+  _globals['_PLUGININFO']._serialized_end=654
+  _globals['_PLUGINERROR']._serialized_start=656
+  _globals['_PLUGINERROR']._serialized_end=723
+  _globals['_LISTPLUGINSREPLY']._serialized_start=726
+  _globals['_LISTPLUGINSREPLY']._serialized_end=866
+  _globals['_TOOLCALLREQUEST']._serialized_start=869
+  _globals['_TOOLCALLREQUEST']._serialized_end=1067
+  _globals['_TOOLCALLREPLY']._serialized_start=1069
+  _globals['_TOOLCALLREPLY']._serialized_end=1140
+  _globals['_HOOKREQUEST']._serialized_start=1143
+  _globals['_HOOKREQUEST']._serialized_end=1357
+  _globals['_HOOKREQUEST_SLOTSENTRY']._serialized_start=1313
+  _globals['_HOOKREQUEST_SLOTSENTRY']._serialized_end=1357
+  _globals['_HOOKRESULT']._serialized_start=1359
+  _globals['_HOOKRESULT']._serialized_end=1454
+  _globals['_HOOKREPLY']._serialized_start=1456
+  _globals['_HOOKREPLY']._serialized_end=1509
+  _globals['_RELOADREQUEST']._serialized_start=1511
+  _globals['_RELOADREQUEST']._serialized_end=1526
+  _globals['_CONFIGUREPLUGINREQUEST']._serialized_start=1528
+  _globals['_CONFIGUREPLUGINREQUEST']._serialized_end=1624
+  _globals['_CONFIGUREPLUGINREPLY']._serialized_start=1626
+  _globals['_CONFIGUREPLUGINREPLY']._serialized_end=1720
+  _globals['_PLUGINCONFIG']._serialized_start=1722
+  _globals['_PLUGINCONFIG']._serialized_end=1796
 # @@protoc_insertion_point(module_scope)
