@@ -180,9 +180,9 @@ def parse_manifest(module: Any, path: Path) -> Plugin:
             raise ManifestError(f"tool {tname!r} is side-effecting and must need a confirmation")
         timeout = spec.get("timeout_s", DEFAULT_TOOL_TIMEOUT_S)
         rate = spec.get("rate_per_minute", DEFAULT_RATE_PER_MINUTE)
-        if not isinstance(timeout, int | float) or not 0 < timeout:
+        if not isinstance(timeout, int | float) or timeout <= 0:
             raise ManifestError(f"tool {tname!r}: timeout_s must be a positive number")
-        if not isinstance(rate, int | float) or not 0 < rate:
+        if not isinstance(rate, int | float) or rate <= 0:
             raise ManifestError(f"tool {tname!r}: rate_per_minute must be a positive number")
         plugin.tools[tname] = Tool(tname, str(spec.get("description", "")),
                                    _schema(spec.get("arguments", {"type": "object"}), f"tool {tname!r} arguments"),
