@@ -47,7 +47,7 @@ SUGGEST_TIMEOUT = 5.0
 
 
 class DialogueSettings(KefuSettings):
-    search_k: int = Field(default=8, ge=1, le=20)
+    search_k: int = Field(default=12, ge=1, le=20)
     llm_max_tokens: int = Field(default=96, ge=8, le=1024)
     llm_first_chunk_timeout: float = Field(default=4.0, gt=0)
     llm_enabled: bool = True
@@ -290,7 +290,7 @@ class DialogueService(Service):
                 seq = state.client_msgs[cmid]
                 turn = state.reply_to(seq)
                 assert turn is not None
-                return turn_pb2.TurnReply(seq=seq, replayed=True, reply=turn_pb2.Reply(
+                return turn_pb2.TurnReply(seq=seq, replayed=True, reply_seq=turn.seq, reply=turn_pb2.Reply(
                     text=turn.text, source=turn.source, citations=list(turn.citations)))
 
             # The slots before this message, updated by it (the state already holds both).
@@ -304,18 +304,18 @@ class DialogueService(Service):
 
             async def emit(delta: str) -> None:
                 await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
-                    conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta))
+                    conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta, seq=seq))
 
             answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
                                                 kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state),
                                                 context=conversation_note(state, seq) if self.settings.llm_enabled else "",
                                                 turn_id=req.turn_id)
-            await self._append_reply(state, seq, answer)
+            reply_seq = await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
-            conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq))
+            conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq, reply_seq=reply_seq))
         self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
-        return turn_pb2.TurnReply(seq=seq, reply=reply)
+        return turn_pb2.TurnReply(seq=seq, reply=reply, reply_seq=reply_seq)
 
     async def _model_slots(self, state: State, text: str, found: dict[str, str]) -> State:
         """Add the slots the model reads in ``text`` (and the text bears out) as SlotSet events."""
@@ -364,7 +364,8 @@ class DialogueService(Service):
         except Exception as exc:  # the conversation is in human mode either way; the queue is a view of it
             self.log.warning("handoff not announced", conversation_id=state.conversation_id, error=str(exc))
 
-    async def _append_reply(self, state: State, seq: int, answer: Answer) -> None:
+    async def _append_reply(self, state: State, seq: int, answer: Answer) -> int:
+        """Append the reply to visitor message ``seq``; the reply event's own seq."""
         assert self.store is not None
         for _ in range(APPEND_RETRIES):
             try:
@@ -374,9 +375,9 @@ class DialogueService(Service):
                                                                             summary_for_agent(state, reason)),
                                                          cache=False)
                     await self._announce_handoff(state)
-                await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations), seq,
-                                                        answer.provenance))
-                return
+                _, ev = await self.store.append(state, BotReply(answer.text, answer.source, tuple(answer.citations),
+                                                                seq, answer.provenance))
+                return ev.seq
             except Conflict:
                 state = await self.store.load(state.conversation_id, verify=True)
         raise Conflict("the conversation is too busy, try again", code="concurrent_update")

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.js.errors
-from nats.aio.msg import Msg
 
+from kefu.gateway.router import OutRouter
 from kefu.proto.bus.v1 import common_pb2, retrieval_pb2, turn_pb2
 from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
 from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, NotFound, PayloadTooLarge, Unavailable
@@ -24,7 +24,6 @@ from kefu.shared.streams import (
     kb_stream,
     kb_subject,
     media_store,
-    out_subject,
 )
 
 MAX_MESSAGE_CHARS = 4000
@@ -34,6 +33,8 @@ MAX_TITLE_CHARS = 512
 @dataclass
 class Delta:
     text: str
+    # The seq of the visitor message this is a piece of the answer to.
+    seq: int = 0
 
 
 @dataclass
@@ -55,11 +56,15 @@ class Core:
         self.tenants = tenants
         # Highest KB sequence this gateway has stored: searches and answers wait for retrieval to reach it.
         self.kb_seq = 0
+        self.router = OutRouter()
+        # Turn requests whose visitor left before the reply: kept until dialogue answers them.
+        self._left: set[asyncio.Task[turn_pb2.TurnReply]] = set()
 
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, kb_stream())
         self.media = await ensure_object_store(self.bus.js, media_store())
         self.handoffs = await ensure_kv(self.bus.js, handoffs_kv())
+        await self.router.start(self.bus.nc)
 
     def tenant(self, tenant: str) -> str:
         """``tenant`` validated: a well-formed identifier, and one this deployment serves."""
@@ -121,23 +126,22 @@ class Core:
             req.has_at_seq, req.at_seq = True, at_seq
         return await self.bus.request("kefu.dialogue.get", req, turn_pb2.ConversationState)
 
-    async def send_message(self, conversation_id: str, text: str, client_msg_id: str = "") -> AsyncIterator[Delta | Final]:
+    async def send_message(self, conversation_id: str, text: str, client_msg_id: str = "",
+                           turn_id: str = "") -> AsyncIterator[Delta | Final]:
         """Deltas of the reply as dialogue produces them, then the final reply."""
         subject_token(conversation_id)
         if not text.strip():
             raise BadRequest("text must not be empty", code="missing_field")
         if len(text) > MAX_MESSAGE_CHARS:
             raise BadRequest(f"text is longer than {MAX_MESSAGE_CHARS} characters", code="invalid_field")
-        turn_id = uuid.uuid4().hex
+        turn_id = turn_id or uuid.uuid4().hex
         events: asyncio.Queue[turn_pb2.OutEvent] = asyncio.Queue()
 
-        async def on_out(msg: Msg) -> None:
-            with contextlib.suppress(KefuError):
-                ev = decode(turn_pb2.OutEvent, msg.data)
-                if ev.turn_id == turn_id:
-                    events.put_nowait(ev)
+        def on_out(ev: turn_pb2.OutEvent) -> None:
+            if ev.turn_id == turn_id:
+                events.put_nowait(ev)
 
-        sub = await self.bus.nc.subscribe(out_subject(conversation_id), cb=on_out)
+        unlisten = self.router.listen(conversation_id, on_out)
         request = asyncio.create_task(self.bus.request(
             "kefu.dialogue.turn",
             turn_pb2.TurnRequest(conversation_id=conversation_id, text=text, client_msg_id=client_msg_id[:128],
@@ -151,13 +155,13 @@ class Core:
                 if getter.done():
                     ev = getter.result()
                     if ev.kind == "delta":
-                        yield Delta(ev.text)
+                        yield Delta(ev.text, ev.seq)
                     replied = replied or ev.kind == "reply"
                 else:
                     getter.cancel()
             reply = request.result()
             if reply.replayed:
-                yield Delta(reply.reply.text)
+                yield Delta(reply.reply.text, reply.seq)
             else:
                 # Deltas travel on another subscription than the reply: take the ones still queued.
                 deadline = time.monotonic() + 2.0
@@ -167,19 +171,25 @@ class Core:
                     except TimeoutError:
                         break
                     if ev.kind == "delta":
-                        yield Delta(ev.text)
+                        yield Delta(ev.text, ev.seq)
                     replied = ev.kind == "reply"
             yield Final(reply)
         finally:
             if not request.done():
                 # The visitor left (the stream was closed before the reply): stop the model's work for
-                # this turn; dialogue still records a reply, which the visitor sees on coming back.
-                request.cancel()
+                # this turn; dialogue still records a reply, which the visitor sees on coming back. The
+                # request itself goes on: cancelled before it went out, the message would be lost.
+                self._left.add(request)
+                request.add_done_callback(self._forget)
                 with contextlib.suppress(Exception):
                     await self.bus.publish(TURN_CANCEL, turn_pb2.TurnRequest(conversation_id=conversation_id,
                                                                              turn_id=turn_id))
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            unlisten()
+
+    def _forget(self, task: asyncio.Task[turn_pb2.TurnReply]) -> None:
+        self._left.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody is waiting for this reply any more
 
     async def agent_action(self, conversation_id: str, agent_id: str, action: str, text: str = "") -> turn_pb2.AgentReply:
         return await self.bus.request("kefu.dialogue.agent", turn_pb2.AgentRequest(

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 from google.protobuf.json_format import MessageToDict
 
+from kefu.gateway.feed import Frame
 from kefu.proto.bus.v1 import turn_pb2
 from kefu.shared.errors import BadRequest
 
@@ -30,12 +31,16 @@ def parse_json_object(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply", code="invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_json")
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest("the body holds text that is not valid UTF-8", code="invalid_utf8") from None
+    except RecursionError:  # parsed just under the limit, but too deep to write back
+        raise BadRequest("the body is nested too deeply", code="invalid_json") from None
     return value
 
 
@@ -75,5 +80,26 @@ def suggestion_json(r: turn_pb2.Reply) -> dict[str, Any]:
 
 
 def reply_json(r: turn_pb2.TurnReply) -> dict[str, Any]:
-    return {"seq": r.seq, "reply": {"text": r.reply.text, "source": r.reply.source,
-                                    "citations": list(r.reply.citations)}}
+    """The answer to a visitor message: ``seq`` is the message's, ``reply_seq`` the reply's own event."""
+    return {"seq": r.seq, "reply": _reply(r.reply), "reply_seq": r.reply_seq}
+
+
+def _reply(r: turn_pb2.Reply) -> dict[str, Any]:
+    return {"text": r.text, "source": r.source, "citations": list(r.citations)}
+
+
+def frame_json(f: Frame) -> dict[str, Any]:
+    """A visitor socket's server frame (the frame kinds of :mod:`kefu.gateway.feed`)."""
+    if f.kind == "delta" or f.kind == "agent_message":
+        return {"type": f.kind, "text": f.text, "seq": f.seq}
+    if f.kind == "reply":
+        assert f.reply is not None
+        return {"type": "reply", "seq": f.seq, "reply": _reply(f.reply), "reply_seq": f.reply_seq}
+    if f.kind == "resync":
+        body: dict[str, Any] = {"type": "resync", "state": state_json(f.state) if f.state is not None else None,
+                                "seq": f.seq, "reason": f.reason}
+        if f.error is not None:
+            body["error"] = {"code": f.error.code, "message": f.error.message}
+        return body
+    assert f.error is not None
+    return {"type": "error", "code": f.error.code, "message": f.error.message}

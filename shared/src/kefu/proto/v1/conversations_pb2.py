@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkefu/v1/conversations.proto\x12\x07kefu.v1\"2\n\x0cStartRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nvisitor_id\x18\x02 \x01(\t\"?\n\rStartResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x15\n\rvisitor_token\x18\x02 \x01(\t\"R\n\x12SendMessageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\"8\n\x05Reply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\"K\n\nReplyChunk\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.kefu.v1.FinalReplyH\x00\x42\x07\n\x05\x63hunk\"8\n\nFinalReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1d\n\x05reply\x18\x02 \x01(\x0b\x32\x0e.kefu.v1.Reply\"O\n\x0f\x43onverseRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\"k\n\x10\x43onverseResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12$\n\x05reply\x18\x02 \x01(\x0b\x32\x13.kefu.v1.FinalReplyH\x00\x12\x17\n\ragent_message\x18\x03 \x01(\tH\x00\x42\x07\n\x05\x65vent\"%\n\nGetRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"9\n\x0eStateAtRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61t_seq\x18\x02 \x01(\x04\"R\n\x04Turn\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x11\n\tcitations\x18\x05 \x03(\t\"\xea\x01\n\x11\x43onversationState\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x1c\n\x05turns\x18\x05 \x03(\x0b\x32\r.kefu.v1.Turn\x12\x34\n\x05slots\x18\x06 \x03(\x0b\x32%.kefu.v1.ConversationState.SlotsEntry\x12\x0f\n\x07summary\x18\x07 \x01(\t\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc7\x02\n\rConversations\x12\x36\n\x05Start\x12\x15.kefu.v1.StartRequest\x1a\x16.kefu.v1.StartResponse\x12\x41\n\x0bSendMessage\x12\x1b.kefu.v1.SendMessageRequest\x1a\x13.kefu.v1.ReplyChunk0\x01\x12\x43\n\x08\x43onverse\x12\x18.kefu.v1.ConverseRequest\x1a\x19.kefu.v1.ConverseResponse(\x01\x30\x01\x12\x36\n\x03Get\x12\x13.kefu.v1.GetRequest\x1a\x1a.kefu.v1.ConversationState\x12>\n\x07StateAt\x12\x17.kefu.v1.StateAtRequest\x1a\x1a.kefu.v1.ConversationStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkefu/v1/conversations.proto\x12\x07kefu.v1\"2\n\x0cStartRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nvisitor_id\x18\x02 \x01(\t\"?\n\rStartResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x15\n\rvisitor_token\x18\x02 \x01(\t\"R\n\x12SendMessageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\"8\n\x05Reply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\"X\n\nReplyChunk\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.kefu.v1.FinalReplyH\x00\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x42\x07\n\x05\x63hunk\"K\n\nFinalReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1d\n\x05reply\x18\x02 \x01(\x0b\x32\x0e.kefu.v1.Reply\x12\x11\n\treply_seq\x18\x03 \x01(\x04\"s\n\x0f\x43onverseRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\x12\x15\n\x08last_seq\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_last_seq\"\xa6\x01\n\x10\x43onverseResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12$\n\x05reply\x18\x02 \x01(\x0b\x32\x13.kefu.v1.FinalReplyH\x00\x12\x17\n\ragent_message\x18\x03 \x01(\tH\x00\x12,\n\x06resync\x18\x05 \x01(\x0b\x32\x1a.kefu.v1.ConversationStateH\x00\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x42\x07\n\x05\x65vent\"%\n\nGetRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"9\n\x0eStateAtRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61t_seq\x18\x02 \x01(\x04\"R\n\x04Turn\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x11\n\tcitations\x18\x05 \x03(\t\"\xea\x01\n\x11\x43onversationState\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x1c\n\x05turns\x18\x05 \x03(\x0b\x32\r.kefu.v1.Turn\x12\x34\n\x05slots\x18\x06 \x03(\x0b\x32%.kefu.v1.ConversationState.SlotsEntry\x12\x0f\n\x07summary\x18\x07 \x01(\t\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc7\x02\n\rConversations\x12\x36\n\x05Start\x12\x15.kefu.v1.StartRequest\x1a\x16.kefu.v1.StartResponse\x12\x41\n\x0bSendMessage\x12\x1b.kefu.v1.SendMessageRequest\x1a\x13.kefu.v1.ReplyChunk0\x01\x12\x43\n\x08\x43onverse\x12\x18.kefu.v1.ConverseRequest\x1a\x19.kefu.v1.ConverseResponse(\x01\x30\x01\x12\x36\n\x03Get\x12\x13.kefu.v1.GetRequest\x1a\x1a.kefu.v1.ConversationState\x12>\n\x07StateAt\x12\x17.kefu.v1.StateAtRequest\x1a\x1a.kefu.v1.ConversationStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,23 +43,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLY']._serialized_start=241
   _globals['_REPLY']._serialized_end=297
   _globals['_REPLYCHUNK']._serialized_start=299
-  _globals['_REPLYCHUNK']._serialized_end=374
-  _globals['_FINALREPLY']._serialized_start=376
-  _globals['_FINALREPLY']._serialized_end=432
-  _globals['_CONVERSEREQUEST']._serialized_start=434
-  _globals['_CONVERSEREQUEST']._serialized_end=513
-  _globals['_CONVERSERESPONSE']._serialized_start=515
-  _globals['_CONVERSERESPONSE']._serialized_end=622
-  _globals['_GETREQUEST']._serialized_start=624
-  _globals['_GETREQUEST']._serialized_end=661
-  _globals['_STATEATREQUEST']._serialized_start=663
-  _globals['_STATEATREQUEST']._serialized_end=720
-  _globals['_TURN']._serialized_start=722
-  _globals['_TURN']._serialized_end=804
-  _globals['_CONVERSATIONSTATE']._serialized_start=807
-  _globals['_CONVERSATIONSTATE']._serialized_end=1041
-  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_start=997
-  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_end=1041
-  _globals['_CONVERSATIONS']._serialized_start=1044
-  _globals['_CONVERSATIONS']._serialized_end=1371
+  _globals['_REPLYCHUNK']._serialized_end=387
+  _globals['_FINALREPLY']._serialized_start=389
+  _globals['_FINALREPLY']._serialized_end=464
+  _globals['_CONVERSEREQUEST']._serialized_start=466
+  _globals['_CONVERSEREQUEST']._serialized_end=581
+  _globals['_CONVERSERESPONSE']._serialized_start=584
+  _globals['_CONVERSERESPONSE']._serialized_end=750
+  _globals['_GETREQUEST']._serialized_start=752
+  _globals['_GETREQUEST']._serialized_end=789
+  _globals['_STATEATREQUEST']._serialized_start=791
+  _globals['_STATEATREQUEST']._serialized_end=848
+  _globals['_TURN']._serialized_start=850
+  _globals['_TURN']._serialized_end=932
+  _globals['_CONVERSATIONSTATE']._serialized_start=935
+  _globals['_CONVERSATIONSTATE']._serialized_end=1169
+  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_start=1125
+  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_end=1169
+  _globals['_CONVERSATIONS']._serialized_start=1172
+  _globals['_CONVERSATIONS']._serialized_end=1499
 # @@protoc_insertion_point(module_scope)

@@ -123,8 +123,13 @@ class ReplyChunk(_message.Message):
 
     DELTA_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     """A piece of the reply text as it is produced."""
+    seq: _builtins.int
+    """The conversation seq of this chunk: for a delta the visitor message it answers, for done the
+    reply's own event (FinalReply.reply_seq).
+    """
     @_builtins.property
     def done(self) -> Global___FinalReply:
         """The last chunk: the whole reply."""
@@ -134,10 +139,11 @@ class ReplyChunk(_message.Message):
         *,
         delta: _builtins.str = ...,
         done: Global___FinalReply | None = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "delta", b"delta", "done", b"done"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "delta", b"delta", "done", b"done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "delta", b"delta", "done", b"done", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_chunk: _TypeAlias = _typing.Literal["delta", "done"]  # noqa: Y015
     _WhichOneofArgType_chunk: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
@@ -151,7 +157,11 @@ class FinalReply(_message.Message):
 
     SEQ_FIELD_NUMBER: _builtins.int
     REPLY_FIELD_NUMBER: _builtins.int
+    REPLY_SEQ_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """The seq of the visitor message answered."""
+    reply_seq: _builtins.int
+    """The seq of the reply's own event: the last seq a client has seen once it has this reply."""
     @_builtins.property
     def reply(self) -> Global___Reply: ...
     def __init__(
@@ -159,10 +169,11 @@ class FinalReply(_message.Message):
         *,
         seq: _builtins.int = ...,
         reply: Global___Reply | None = ...,
+        reply_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "reply_seq", b"reply_seq", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -175,21 +186,30 @@ class ConverseRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     CLIENT_MSG_ID_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     text: _builtins.str
+    """Empty: no message (a first request that only resumes)."""
     client_msg_id: _builtins.str
+    last_seq: _builtins.int
+    """First request only: the last seq the client has; every visitor-visible event after it (bot
+    replies, agent messages) is sent first, in order, or a resync with the state when that cannot be.
+    """
     def __init__(
         self,
         *,
         conversation_id: _builtins.str = ...,
         text: _builtins.str = ...,
         client_msg_id: _builtins.str = ...,
+        last_seq: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_last_seq", b"_last_seq", "last_seq", b"last_seq"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msg_id", b"client_msg_id", "conversation_id", b"conversation_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_seq", b"_last_seq", "client_msg_id", b"client_msg_id", "conversation_id", b"conversation_id", "last_seq", b"last_seq", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__last_seq: _TypeAlias = _typing.Literal["last_seq"]  # noqa: Y015
+    _WhichOneofArgType__last_seq: _TypeAlias = _typing.Literal["_last_seq", b"_last_seq"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_seq) -> _WhichOneofReturnType__last_seq | None: ...
 
 Global___ConverseRequest: _TypeAlias = ConverseRequest  # noqa: Y015
 
@@ -200,22 +220,36 @@ class ConverseResponse(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     REPLY_FIELD_NUMBER: _builtins.int
     AGENT_MESSAGE_FIELD_NUMBER: _builtins.int
+    RESYNC_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     agent_message: _builtins.str
+    seq: _builtins.int
+    """The conversation seq of the event: a delta's visitor message, a reply's own event, an agent
+    message's own event, a resync's state seq.
+    """
     @_builtins.property
     def reply(self) -> Global___FinalReply: ...
+    @_builtins.property
+    def resync(self) -> Global___ConversationState:
+        """The events since last_seq cannot be replayed (too many, or a seq the conversation does not
+        have): here is the whole state instead; carry on from its seq.
+        """
+
     def __init__(
         self,
         *,
         delta: _builtins.str = ...,
         reply: Global___FinalReply | None = ...,
         agent_message: _builtins.str = ...,
+        resync: Global___ConversationState | None = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "delta", b"delta", "event", b"event", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "delta", b"delta", "event", b"event", "reply", b"reply", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "delta", b"delta", "event", b"event", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "delta", b"delta", "event", b"event", "reply", b"reply", "resync", b"resync", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["delta", "reply", "agent_message"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["delta", "reply", "agent_message", "resync"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kefu.proto.bus.v1 import events_pb2 as kefu_dot_bus_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kefu/bus/v1/turn.proto\x12\x0bkefu.bus.v1\x1a\x18kefu/bus/v1/events.proto\">\n\x18StartConversationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nvisitor_id\x18\x02 \x01(\t\"A\n\x16StartConversationReply\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"p\n\x0bTurnRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12\x12\n\nkb_min_seq\x18\x05 \x01(\x04\"8\n\x05Reply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\"M\n\tTurnReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12!\n\x05reply\x18\x02 \x01(\x0b\x32\x12.kefu.bus.v1.Reply\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"N\n\x0fGetStateRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nhas_at_seq\x18\x02 \x01(\x08\x12\x0e\n\x06\x61t_seq\x18\x03 \x01(\x04\"\xd8\x01\n\x04Turn\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x11\n\tcitations\x18\x05 \x03(\t\x12\x15\n\rclient_msg_id\x18\x06 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\x04\x12+\n\nprovenance\x18\x08 \x01(\x0b\x32\x17.kefu.bus.v1.Provenance\x12\n\n\x02id\x18\t \x01(\t\x12\x0f\n\x07lamport\x18\n \x01(\x04\x12\x0e\n\x06writer\x18\x0b \x01(\t\"\xc0\x06\n\x11\x43onversationState\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nvisitor_id\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12 \n\x05turns\x18\x06 \x03(\x0b\x32\x11.kefu.bus.v1.Turn\x12\x38\n\x05slots\x18\x07 \x03(\x0b\x32).kefu.bus.v1.ConversationState.SlotsEntry\x12\x0f\n\x07summary\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x0f\n\x07lamport\x18\x0b \x01(\x04\x12\x12\n\nstream_seq\x18\x0c \x01(\x04\x12\x43\n\x0b\x63lient_msgs\x18\r \x03(\x0b\x32..kefu.bus.v1.ConversationState.ClientMsgsEntry\x12\x0c\n\x04tags\x18\x0e \x03(\t\x12\x17\n\x0fhandoff_summary\x18\x13 \x01(\t\x12\x43\n\x0bslot_stamps\x18\x0f \x03(\x0b\x32..kefu.bus.v1.ConversationState.SlotStampsEntry\x12&\n\nmode_stamp\x18\x10 \x01(\x0b\x32\x12.kefu.bus.v1.Stamp\x12=\n\x08tag_adds\x18\x11 \x03(\x0b\x32+.kefu.bus.v1.ConversationState.TagAddsEntry\x12\x13\n\x0btag_removes\x18\x12 \x03(\t\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0f\x43lientMsgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x45\n\x0fSlotStampsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kefu.bus.v1.Stamp:\x02\x38\x01\x1a\x44\n\x0cTagAddsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.kefu.bus.v1.TagAdds:\x02\x38\x01\"4\n\x05Stamp\x12\x0f\n\x07lamport\x18\x01 \x01(\x04\x12\x0e\n\x06writer\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"\x16\n\x07TagAdds\x12\x0b\n\x03ids\x18\x01 \x03(\t\"9\n\x0cImageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\t\"\'\n\nImageReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"W\n\x0c\x41gentRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"p\n\nAgentReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x05state\x18\x02 \x01(\x0b\x32\x1e.kefu.bus.v1.ConversationState\x12&\n\nsuggestion\x18\x03 \x01(\x0b\x32\x12.kefu.bus.v1.Reply\"}\n\rHandoffNotice\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x11\n\tlast_text\x18\x04 \x01(\t\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\"\xa8\x01\n\x08OutEvent\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12!\n\x05reply\x18\x05 \x01(\x0b\x32\x12.kefu.bus.v1.Reply\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12&\n\nsuggestion\x18\x07 \x01(\x0b\x32\x12.kefu.bus.v1.Replyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kefu/bus/v1/turn.proto\x12\x0bkefu.bus.v1\x1a\x18kefu/bus/v1/events.proto\">\n\x18StartConversationRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nvisitor_id\x18\x02 \x01(\t\"A\n\x16StartConversationReply\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"p\n\x0bTurnRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12\x12\n\nkb_min_seq\x18\x05 \x01(\x04\"8\n\x05Reply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\"`\n\tTurnReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12!\n\x05reply\x18\x02 \x01(\x0b\x32\x12.kefu.bus.v1.Reply\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x11\n\treply_seq\x18\x04 \x01(\x04\"N\n\x0fGetStateRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nhas_at_seq\x18\x02 \x01(\x08\x12\x0e\n\x06\x61t_seq\x18\x03 \x01(\x04\"\xd8\x01\n\x04Turn\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x11\n\tcitations\x18\x05 \x03(\t\x12\x15\n\rclient_msg_id\x18\x06 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\x04\x12+\n\nprovenance\x18\x08 \x01(\x0b\x32\x17.kefu.bus.v1.Provenance\x12\n\n\x02id\x18\t \x01(\t\x12\x0f\n\x07lamport\x18\n \x01(\x04\x12\x0e\n\x06writer\x18\x0b \x01(\t\"\xc0\x06\n\x11\x43onversationState\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nvisitor_id\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12 \n\x05turns\x18\x06 \x03(\x0b\x32\x11.kefu.bus.v1.Turn\x12\x38\n\x05slots\x18\x07 \x03(\x0b\x32).kefu.bus.v1.ConversationState.SlotsEntry\x12\x0f\n\x07summary\x18\x08 \x01(\t\x12\x12\n\ncreated_ms\x18\t \x01(\x03\x12\x12\n\nupdated_ms\x18\n \x01(\x03\x12\x0f\n\x07lamport\x18\x0b \x01(\x04\x12\x12\n\nstream_seq\x18\x0c \x01(\x04\x12\x43\n\x0b\x63lient_msgs\x18\r \x03(\x0b\x32..kefu.bus.v1.ConversationState.ClientMsgsEntry\x12\x0c\n\x04tags\x18\x0e \x03(\t\x12\x17\n\x0fhandoff_summary\x18\x13 \x01(\t\x12\x43\n\x0bslot_stamps\x18\x0f \x03(\x0b\x32..kefu.bus.v1.ConversationState.SlotStampsEntry\x12&\n\nmode_stamp\x18\x10 \x01(\x0b\x32\x12.kefu.bus.v1.Stamp\x12=\n\x08tag_adds\x18\x11 \x03(\x0b\x32+.kefu.bus.v1.ConversationState.TagAddsEntry\x12\x13\n\x0btag_removes\x18\x12 \x03(\t\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0f\x43lientMsgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x45\n\x0fSlotStampsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kefu.bus.v1.Stamp:\x02\x38\x01\x1a\x44\n\x0cTagAddsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.kefu.bus.v1.TagAdds:\x02\x38\x01\"4\n\x05Stamp\x12\x0f\n\x07lamport\x18\x01 \x01(\x04\x12\x0e\n\x06writer\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"\x16\n\x07TagAdds\x12\x0b\n\x03ids\x18\x01 \x03(\t\"9\n\x0cImageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\t\"\'\n\nImageReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"W\n\x0c\x41gentRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"p\n\nAgentReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x05state\x18\x02 \x01(\x0b\x32\x1e.kefu.bus.v1.ConversationState\x12&\n\nsuggestion\x18\x03 \x01(\x0b\x32\x12.kefu.bus.v1.Reply\"}\n\rHandoffNotice\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x11\n\tlast_text\x18\x04 \x01(\t\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\"\xbb\x01\n\x08OutEvent\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12!\n\x05reply\x18\x05 \x01(\x0b\x32\x12.kefu.bus.v1.Reply\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12&\n\nsuggestion\x18\x07 \x01(\x0b\x32\x12.kefu.bus.v1.Reply\x12\x11\n\treply_seq\x18\x08 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,35 +50,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLY']._serialized_start=310
   _globals['_REPLY']._serialized_end=366
   _globals['_TURNREPLY']._serialized_start=368
-  _globals['_TURNREPLY']._serialized_end=445
-  _globals['_GETSTATEREQUEST']._serialized_start=447
-  _globals['_GETSTATEREQUEST']._serialized_end=525
-  _globals['_TURN']._serialized_start=528
-  _globals['_TURN']._serialized_end=744
-  _globals['_CONVERSATIONSTATE']._serialized_start=747
-  _globals['_CONVERSATIONSTATE']._serialized_end=1579
-  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_start=1343
-  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_end=1387
-  _globals['_CONVERSATIONSTATE_CLIENTMSGSENTRY']._serialized_start=1389
-  _globals['_CONVERSATIONSTATE_CLIENTMSGSENTRY']._serialized_end=1438
-  _globals['_CONVERSATIONSTATE_SLOTSTAMPSENTRY']._serialized_start=1440
-  _globals['_CONVERSATIONSTATE_SLOTSTAMPSENTRY']._serialized_end=1509
-  _globals['_CONVERSATIONSTATE_TAGADDSENTRY']._serialized_start=1511
-  _globals['_CONVERSATIONSTATE_TAGADDSENTRY']._serialized_end=1579
-  _globals['_STAMP']._serialized_start=1581
-  _globals['_STAMP']._serialized_end=1633
-  _globals['_TAGADDS']._serialized_start=1635
-  _globals['_TAGADDS']._serialized_end=1657
-  _globals['_IMAGEREQUEST']._serialized_start=1659
-  _globals['_IMAGEREQUEST']._serialized_end=1716
-  _globals['_IMAGEREPLY']._serialized_start=1718
-  _globals['_IMAGEREPLY']._serialized_end=1757
-  _globals['_AGENTREQUEST']._serialized_start=1759
-  _globals['_AGENTREQUEST']._serialized_end=1846
-  _globals['_AGENTREPLY']._serialized_start=1848
-  _globals['_AGENTREPLY']._serialized_end=1960
-  _globals['_HANDOFFNOTICE']._serialized_start=1962
-  _globals['_HANDOFFNOTICE']._serialized_end=2087
-  _globals['_OUTEVENT']._serialized_start=2090
-  _globals['_OUTEVENT']._serialized_end=2258
+  _globals['_TURNREPLY']._serialized_end=464
+  _globals['_GETSTATEREQUEST']._serialized_start=466
+  _globals['_GETSTATEREQUEST']._serialized_end=544
+  _globals['_TURN']._serialized_start=547
+  _globals['_TURN']._serialized_end=763
+  _globals['_CONVERSATIONSTATE']._serialized_start=766
+  _globals['_CONVERSATIONSTATE']._serialized_end=1598
+  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_start=1362
+  _globals['_CONVERSATIONSTATE_SLOTSENTRY']._serialized_end=1406
+  _globals['_CONVERSATIONSTATE_CLIENTMSGSENTRY']._serialized_start=1408
+  _globals['_CONVERSATIONSTATE_CLIENTMSGSENTRY']._serialized_end=1457
+  _globals['_CONVERSATIONSTATE_SLOTSTAMPSENTRY']._serialized_start=1459
+  _globals['_CONVERSATIONSTATE_SLOTSTAMPSENTRY']._serialized_end=1528
+  _globals['_CONVERSATIONSTATE_TAGADDSENTRY']._serialized_start=1530
+  _globals['_CONVERSATIONSTATE_TAGADDSENTRY']._serialized_end=1598
+  _globals['_STAMP']._serialized_start=1600
+  _globals['_STAMP']._serialized_end=1652
+  _globals['_TAGADDS']._serialized_start=1654
+  _globals['_TAGADDS']._serialized_end=1676
+  _globals['_IMAGEREQUEST']._serialized_start=1678
+  _globals['_IMAGEREQUEST']._serialized_end=1735
+  _globals['_IMAGEREPLY']._serialized_start=1737
+  _globals['_IMAGEREPLY']._serialized_end=1776
+  _globals['_AGENTREQUEST']._serialized_start=1778
+  _globals['_AGENTREQUEST']._serialized_end=1865
+  _globals['_AGENTREPLY']._serialized_start=1867
+  _globals['_AGENTREPLY']._serialized_end=1979
+  _globals['_HANDOFFNOTICE']._serialized_start=1981
+  _globals['_HANDOFFNOTICE']._serialized_end=2106
+  _globals['_OUTEVENT']._serialized_start=2109
+  _globals['_OUTEVENT']._serialized_end=2296
 # @@protoc_insertion_point(module_scope)

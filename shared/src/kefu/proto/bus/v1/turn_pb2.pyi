@@ -135,10 +135,13 @@ class TurnReply(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     REPLY_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    REPLY_SEQ_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The seq of the visitor message's event."""
     replayed: _builtins.bool
     """True when this answers a repeated client_msg_id from the log (no deltas were streamed)."""
+    reply_seq: _builtins.int
+    """The seq of the reply's own event (the bot turn), what a client that resumes names as its last."""
     @_builtins.property
     def reply(self) -> Global___Reply: ...
     def __init__(
@@ -147,10 +150,11 @@ class TurnReply(_message.Message):
         seq: _builtins.int = ...,
         reply: Global___Reply | None = ...,
         replayed: _builtins.bool = ...,
+        reply_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "reply", b"reply", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "reply", b"reply", "reply_seq", b"reply_seq", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -618,12 +622,16 @@ class OutEvent(_message.Message):
     REPLY_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     SUGGESTION_FIELD_NUMBER: _builtins.int
+    REPLY_SEQ_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     turn_id: _builtins.str
     kind: _builtins.str
     """"delta", "reply", "agent_message" or "visitor_message" (for the agent of a human-mode conversation)."""
     text: _builtins.str
     seq: _builtins.int
+    """delta and reply: the seq of the visitor message answered; agent_message, visitor_message: its own."""
+    reply_seq: _builtins.int
+    """reply: the seq of the reply's own event."""
     @_builtins.property
     def reply(self) -> Global___Reply: ...
     @_builtins.property
@@ -642,10 +650,11 @@ class OutEvent(_message.Message):
         reply: Global___Reply | None = ...,
         seq: _builtins.int = ...,
         suggestion: Global___Reply | None = ...,
+        reply_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "suggestion", b"suggestion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "kind", b"kind", "reply", b"reply", "seq", b"seq", "suggestion", b"suggestion", "text", b"text", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "kind", b"kind", "reply", b"reply", "reply_seq", b"reply_seq", "seq", b"seq", "suggestion", b"suggestion", "text", b"text", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
