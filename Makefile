@@ -11,9 +11,13 @@ PYTEST_ARGS ?=
 JUNIT ?= .pytest-junit.xml
 HELM_DIR := .tools/helm
 HELM := $(HELM_DIR)/helm
+# The browser tests drive Debian's chromium; the CJK font makes the Chinese UI readable in their screenshots.
+CHROMIUM := /usr/bin/chromium
+BROWSER_PACKAGES := chromium fonts-wqy-microhei
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install models run test test-unit lint protos protos-check bench up down chart-lint airgap-bundle clean
+.PHONY: help install models browser run test test-unit lint protos protos-check bench up down chart-lint airgap-bundle clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -36,7 +40,14 @@ models: $(STAMP) ## put the default models into .kefu/models (offline, checksumm
 run: models ## start the whole stack in the foreground (Ctrl-C stops it)
 	$(BIN)/kefu up
 
-test: models ## run the whole test suite (starts its own nats-server)
+browser: ## install Debian's chromium (and a CJK font) for the browser tests when missing
+	@if [ ! -x $(CHROMIUM) ] || [ ! -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y -q $(BROWSER_PACKAGES) || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(BROWSER_PACKAGES); }; \
+	fi
+
+test: models browser ## run the whole test suite (starts its own nats-server)
 	$(BIN)/pytest $(PYTEST_ARGS) --junitxml=$(JUNIT)
 
 test-unit: $(STAMP) ## only the tests that need no server and no model

@@ -7,6 +7,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from kefu.gateway.ui import Ui
+from kefu.shared.errors import PermissionDenied
 
 PAGE = "http://shop.example"
 
@@ -82,8 +83,14 @@ async def test_cors_answers_for_the_widget_routes_only(client):
     assert "Access-Control-Allow-Origin" not in r.headers
 
 
+class OnlyTheShop:
+    def check(self, origin, host):
+        if origin != PAGE:
+            raise PermissionDenied("no", code="origin_not_allowed")
+
+
 async def test_cors_follows_the_allowed_origins(client):
-    c = await client(Ui(lambda origin, host: origin == PAGE))
+    c = await client(Ui(OnlyTheShop()))
     pre = await c.options("/v1/tenants/shop/conversations", headers={
         "Origin": PAGE, "Access-Control-Request-Method": "POST"})
     assert pre.status == 204 and pre.headers["Access-Control-Allow-Origin"] == PAGE and pre.headers["Vary"] == "Origin"

@@ -14,14 +14,19 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Protocol
 
 from aiohttp import web
 
 from kefu.shared.bus import subject_token
+from kefu.shared.errors import KefuError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# (Origin header, Host header) -> whether pages of that origin may use the widget's routes.
-OriginCheck = Callable[[str, str | None], bool]
+
+
+class OriginPolicy(Protocol):
+    def check(self, origin: str | None, host: str | None) -> None:
+        """Raise a KefuError unless pages of ``origin`` may call this gateway (``host``: its Host header)."""
 
 # The widget's REST calls: start a conversation, read its history, upload an image.
 _WIDGET_ROUTES = (
@@ -63,12 +68,13 @@ class Ui:
     """The static UI and the widget's CORS.
 
     Args:
-        allow_origin: which page origins may call the widget's routes; the same rule as the WebSockets'
-            (``KEFU_ALLOWED_ORIGINS``), since the widget needs both. None: any origin.
+        origins: which page origins may call the widget's routes: the WebSockets' rule
+            (``KEFU_ALLOWED_ORIGINS``, :class:`kefu.gateway.auth.Origins`), since the widget needs both.
+            None: any origin.
     """
 
-    def __init__(self, allow_origin: OriginCheck | None = None) -> None:
-        self.allow_origin = allow_origin
+    def __init__(self, origins: OriginPolicy | None = None) -> None:
+        self.origins = origins
         static = resources.files("kefu.gateway") / "static"
         self.assets: dict[str, _Asset] = {}
         for route, (name, content_type, headers) in _FILES.items():
@@ -104,9 +110,13 @@ class Ui:
         return web.Response(body=asset.body, headers={**headers, "Content-Type": asset.content_type})
 
     def _allow(self, request: web.Request, origin: str) -> str | None:
-        if self.allow_origin is None:
+        if self.origins is None:
             return "*"  # the calls carry a bearer token, never a cookie: no page can ride a visitor's session
-        return origin if self.allow_origin(origin, request.host) else None
+        try:
+            self.origins.check(origin, request.host)
+        except KefuError:
+            return None
+        return origin
 
     @web.middleware
     async def cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

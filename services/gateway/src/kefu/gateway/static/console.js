@@ -382,12 +382,17 @@
   }
 
   function onFrame(f) {
+    if (!session) return; // signed out while the frame was on its way
     switch (f.type) {
       case "queue": {
-        if (f.agent_id && session && !session.agent_id) session.agent_id = f.agent_id;
-        if (session && !session.name) session.name = f.agent_id || "";
+        // A pasted token says nothing of itself: the socket tells who and where we are.
+        if (f.agent_id && !session.agent_id) session.agent_id = f.agent_id;
+        if (f.tenant && !session.tenant) session.tenant = f.tenant;
+        if (!session.name) session.name = f.agent_id || "";
         saveSession();
         $("me-name").textContent = session.name || session.agent_id;
+        $("me-tenant").textContent = session.tenant || "";
+        $("me-tenant").hidden = !session.tenant;
         const ids = new Set();
         for (const n of f.conversations || []) ids.add(upsertNotice(n).cid);
         for (const cid of [...convs.keys()]) if (!ids.has(cid)) convs.delete(cid);

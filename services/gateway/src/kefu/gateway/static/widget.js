@@ -30,8 +30,8 @@
 
   const STRINGS = {
     zh: {
-      title: "在线客服", online: "在线 · 通常几秒内回复", human: "人工客服为您服务",
-      connecting: "正在连接…", reconnecting: "连接已断开，正在重连…",
+      title: "在线客服", online: "在线", human: "人工客服已接入",
+      connecting: "正在连接…", reconnecting: "正在重连…",
       greeting: "您好！我是智能客服，有什么可以帮您？",
       placeholder: "请输入您的问题…", send: "发送", talkToHuman: "转人工", talkToHumanText: "转人工",
       upload: "发送图片", open: "打开在线客服", close: "关闭", you: "我", bot: "智能客服", agent: "人工客服",
@@ -45,8 +45,8 @@
       },
     },
     en: {
-      title: "Customer service", online: "Online · we usually reply in seconds", human: "You are chatting with an agent",
-      connecting: "Connecting…", reconnecting: "Connection lost, reconnecting…",
+      title: "Customer service", online: "Online", human: "Agent connected",
+      connecting: "Connecting…", reconnecting: "Reconnecting…",
       greeting: "Hi! I'm the virtual assistant. How can I help you?",
       placeholder: "Type your question…", send: "Send", talkToHuman: "Talk to a human",
       talkToHumanText: "talk to a human", upload: "Send an image", open: "Open customer service chat",
@@ -258,11 +258,13 @@ input[type=file] { display: none; }
   let wsOpen = false;
   let retries = 0;
   let reconnectTimer = 0;
-  let lastSeq = 0; // the highest event seq seen; sent back as last_seq on reconnect
+  // The highest seq of a bot reply or agent message on screen: on reconnect the gateway replays what
+  // came after it (?last_seq=), so nothing said while the socket was down is lost.
+  let lastSeq = 0;
   const seenReplies = new Set(); // visitor-message seqs whose reply is shown (a replayed frame is not shown twice)
   const seenAgent = new Set();
   const pending = []; // messages sent and not yet answered, oldest first: {text, cmid}
-  let streaming = null; // the bubble of the reply being streamed
+  const streams = new Map(); // visitor-message seq (0: unknown) -> the bubble its reply is streaming into
   let typing = null;
   let unread = 0;
   let lastNote = "";
@@ -339,18 +341,24 @@ input[type=file] { display: none; }
     typing = null;
   }
 
-  function botReply(reply) {
+  function takeStream(seq) {
+    // The bubble streaming the reply to message ``seq``; a gateway without seqs has one stream at a time.
+    const key = streams.has(seq) ? seq : streams.has(0) ? 0 : seq;
+    const r = streams.get(key) || null;
+    streams.delete(key);
+    return r;
+  }
+
+  function botReply(reply, seq) {
+    let r = takeStream(seq);
     if (reply.source === "handoff") {
-      if (streaming) streaming.remove();
-      streaming = null;
+      if (r) r.remove();
       setMode("human");
       // In human mode every visitor message is acknowledged the same way: once on screen is enough.
       if (reply.text !== lastNote) note(reply.text);
       clearTyping();
       return;
     }
-    let r = streaming;
-    streaming = null;
     if (!r) r = bubble(reply.source === "agent" ? "agent" : "bot", "", reply.source === "agent" ? T.agent : T.bot);
     const b = r.querySelector(".bubble");
     b.classList.remove("streaming");
@@ -431,18 +439,31 @@ input[type=file] { display: none; }
     }
   }
 
+  function renderState(state) {
+    let asked = 0;
+    for (const t of state.turns || []) {
+      renderTurn(t);
+      // A reply frame names the visitor message it answers: the one before the bot turn.
+      if (t.role === "visitor" && t.source !== "ocr") asked = t.seq;
+      else if (t.role === "bot" && asked) { seenReplies.add(asked); asked = 0; }
+    }
+    lastSeq = Math.max(lastSeq, state.seq || 0);
+    setMode(state.mode || "bot");
+  }
+
+  function resync(state) {
+    // Too much was missed to replay: the state replaces what is on screen.
+    for (const r of streams.values()) r.remove();
+    streams.clear();
+    log.replaceChildren();
+    lastNote = "";
+    note(T.greeting);
+    renderState(state);
+  }
+
   async function history() {
     try {
-      const state = await api("GET", `/v1/conversations/${encodeURIComponent(conv.cid)}`);
-      const replied = new Set();
-      for (const t of state.turns) {
-        renderTurn(t);
-        if (t.role === "bot") replied.add(t.seq);
-      }
-      // A bot turn's seq is its own; the reply frame carries the visitor message's: map them.
-      for (const t of state.turns) if (t.role === "visitor") seenReplies.add(t.seq);
-      lastSeq = Math.max(lastSeq, state.seq || 0);
-      setMode(state.mode || "bot");
+      renderState(await api("GET", `/v1/conversations/${encodeURIComponent(conv.cid)}`));
       return true;
     } catch (err) {
       if (err.status === 401 || err.status === 403 || err.status === 404) {
@@ -522,52 +543,65 @@ input[type=file] { display: none; }
   }
 
   function onFrame(f) {
+    // delta and reply: seq is the visitor message answered (reply_seq the reply's own); agent_message: its own.
     const seq = typeof f.seq === "number" ? f.seq : 0;
     switch (f.type) {
       case "delta": {
-        if (!streaming) {
+        if (seq && seenReplies.has(seq)) break;
+        let r = streams.get(seq);
+        if (!r) {
           clearTyping();
-          streaming = bubble("bot", "", T.bot);
-          streaming.querySelector(".bubble").classList.add("streaming");
+          r = bubble("bot", "", T.bot);
+          r.querySelector(".bubble").classList.add("streaming");
+          streams.set(seq, r);
         }
-        const b = streaming.querySelector(".bubble");
-        b.textContent += f.text || "";
+        r.querySelector(".bubble").textContent += f.text || "";
         scroll();
         break;
       }
       case "reply": {
-        if (seq && seenReplies.has(seq)) {
-          if (streaming) streaming.remove(); // a replay of a reply already on screen
-          streaming = null;
-          pending.shift();
+        pending.shift();
+        if (typeof f.reply_seq === "number") lastSeq = Math.max(lastSeq, f.reply_seq);
+        if (seq && seenReplies.has(seq)) { // a replay of a reply already on screen
+          const r = takeStream(seq);
+          if (r) r.remove();
           break;
         }
         if (seq) seenReplies.add(seq);
-        pending.shift();
-        botReply(f.reply || { text: "", source: "kb", citations: [] });
+        botReply(f.reply || { text: "", source: "kb", citations: [] }, seq);
         bump();
         break;
       }
       case "agent_message": {
         if (seq && seenAgent.has(seq)) break;
-        if (seq) seenAgent.add(seq);
+        if (seq) {
+          seenAgent.add(seq);
+          lastSeq = Math.max(lastSeq, seq);
+        }
         setMode("human");
         bubble("agent", f.text || "", T.agent);
         bump();
         break;
       }
+      case "resync": {
+        if (f.state) resync(f.state);
+        else { // the gateway could not read it just now: ask again shortly
+          setTimeout(() => api("GET", `/v1/conversations/${encodeURIComponent(conv.cid)}`).then(resync)
+            .catch(() => {}), 2000);
+        }
+        break;
+      }
       case "error": {
         // The message that failed is not retried: it was refused, not lost.
         pending.shift();
-        if (streaming) streaming.remove();
-        streaming = null;
+        const r = takeStream(0);
+        if (r) r.remove();
         note(errorText(f.code), true);
         break;
       }
       default:
         break;
     }
-    if (seq) lastSeq = Math.max(lastSeq, seq);
   }
 
   // ---- actions ----
