@@ -55,7 +55,9 @@ async def stack(nats_url: str, models_data_dir: Path) -> AsyncIterator[InprocSta
         "dialogue": DialogueService(DialogueSettings(**common)),
         "plugins": PluginsService(PluginsSettings(**common)),
         "gateway": GatewayService(GatewaySettings(**common, http_port=0, grpc_port=0,
-                                                  rate_messages_per_second=1000, rate_messages_burst=1000)),
+                                                  rate_messages_per_second=1000, rate_messages_burst=1000,
+                                                  rate_ip_messages_per_second=1000, rate_ip_messages_burst=1000,
+                                                  rate_logins_burst=1000, rate_account_logins_burst=1000)),
     }
     stop = asyncio.Event()
     tasks = await asyncio.gather(*(start_in_background(svc, stop) for svc in services.values()))

@@ -6,6 +6,8 @@
     kefu kb import PATH... --tenant T
     kefu kb search QUERY --tenant T [-k 5]
     kefu replay CONVERSATION_ID [--at-seq N]
+    kefu agents add --tenant T AGENT_ID [--role admin] [--name N] [--password-stdin]
+    kefu agents list --tenant T | kefu agents remove --tenant T AGENT_ID
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from kefu.cli import client
+from kefu.cli import agents, client
 
 ALL_SERVICES = ("gateway", "dialogue", "retrieval", "inference", "plugins")
 
@@ -87,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("conversation_id")
     replay.add_argument("--at-seq", type=int, default=None, help="the state right after event N")
     _client_args(replay)
+    agents.add_parser(sub, _client_args)
     return ap
 
 
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return import_paths(client.Client.for_args(args), args.tenant, args.paths)
     if args.command == "kb" and args.kb_command == "search":
         return kb_search(client.Client.for_args(args), args)
+    if args.command == "agents":
+        return agents.run(client.Client.for_args(args), args)
     if args.command == "replay":
         c = client.Client.for_args(args)
         path = f"/v1/conversations/{args.conversation_id}"

@@ -11,6 +11,7 @@ KV_CONV_STATE = "conv_state"
 OBJ_MEDIA = "media"
 KV_HANDOFFS = "handoffs"
 KV_LLM_BUDGET = "llm_budget"
+KV_AGENTS = "agents"
 MAX_MEDIA_BYTES = 10 * 1024 * 1024
 
 KB_SUBJECTS = "kefu.kb.>"
@@ -72,6 +73,11 @@ def handoff_subject(tenant: str) -> str:
 def handoffs_kv() -> KeyValueConfig:
     """KV bucket "handoffs": conversation id -> HandoffNotice, for every conversation in human mode."""
     return KeyValueConfig(bucket=KV_HANDOFFS, history=1, storage=StorageType.FILE)
+
+
+def agents_kv() -> KeyValueConfig:
+    """KV bucket "agents": "<tenant>.<agent_id>" -> AgentAccount (the gateway's agent accounts)."""
+    return KeyValueConfig(bucket=KV_AGENTS, history=1, storage=StorageType.FILE)
 
 
 def media_store() -> ObjectStoreConfig:

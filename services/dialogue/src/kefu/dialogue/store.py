@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import nats.errors
 from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
-from nats.js.errors import APIError, KeyNotFoundError
+from nats.js.errors import APIError, InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from kefu.dialogue.codec import event_from_proto, event_to_proto, state_from_proto, state_to_proto
@@ -105,7 +105,7 @@ class ConversationStore:
             entry = await self.kv.get(conversation_id)
             if entry.value:
                 cached = state_from_proto(decode(turn_pb2.ConversationState, entry.value))
-        except KeyNotFoundError:
+        except (KeyNotFoundError, InvalidKeyError):  # not a key a conversation of ours can have ("中文")
             pass
         if cached is not None and not verify:
             return cached

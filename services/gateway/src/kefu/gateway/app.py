@@ -7,11 +7,12 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 from pydantic import Field
 
-from kefu.gateway.auth import Auth
+from kefu.gateway.agents import AgentDirectory
+from kefu.gateway.auth import Auth, Origins
 from kefu.gateway.core import Core
 from kefu.gateway.grpc_api import start_grpc
 from kefu.gateway.http import HttpApi
-from kefu.gateway.ratelimit import RateLimiter
+from kefu.gateway.ratelimit import RateLimits
 from kefu.shared.bus import Bus
 from kefu.shared.config import KefuSettings, admin_token, signing_secret
 from kefu.shared.service import Service
@@ -32,11 +33,39 @@ class GatewaySettings(KefuSettings):
     search_timeout: float = Field(default=40.0, gt=0)
     visitor_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
     agent_token_ttl: float = Field(default=12 * 3600.0, gt=0)
-    rate_messages_per_second: float = Field(default=2.0, gt=0)
+    # Rate limits (token buckets: per_second sustained, burst at once). Messages count on HTTP, SSE, both
+    # sockets and gRPC alike; "ip" is the client address (see forwarded_hops).
+    rate_messages_per_second: float = Field(default=2.0, gt=0)  # per conversation
     rate_messages_burst: float = Field(default=20.0, ge=1)
-    rate_starts_per_second: float = Field(default=20.0, gt=0)
+    rate_ip_messages_per_second: float = Field(default=20.0, gt=0)
+    rate_ip_messages_burst: float = Field(default=200.0, ge=1)
+    rate_tenant_messages_per_second: float = Field(default=200.0, gt=0)
+    rate_tenant_messages_burst: float = Field(default=2000.0, ge=1)
+    rate_starts_per_second: float = Field(default=20.0, gt=0)  # conversation starts per client address
     rate_starts_burst: float = Field(default=200.0, ge=1)
+    rate_tenant_starts_per_second: float = Field(default=100.0, gt=0)
+    rate_tenant_starts_burst: float = Field(default=1000.0, ge=1)
+    rate_uploads_per_second: float = Field(default=0.2, gt=0)  # images per conversation
+    rate_uploads_burst: float = Field(default=10.0, ge=1)
+    rate_ip_uploads_per_second: float = Field(default=1.0, gt=0)
+    rate_ip_uploads_burst: float = Field(default=30.0, ge=1)
+    rate_tenant_uploads_per_second: float = Field(default=20.0, gt=0)
+    rate_tenant_uploads_burst: float = Field(default=200.0, ge=1)
+    rate_logins_per_second: float = Field(default=1.0, gt=0)  # agent logins per client address
+    rate_logins_burst: float = Field(default=20.0, ge=1)
+    rate_account_logins_per_second: float = Field(default=0.2, gt=0)  # per agent account, known or not
+    rate_account_logins_burst: float = Field(default=10.0, ge=1)
+    # Trusted reverse proxies in front of the gateway: the client address is then taken from
+    # X-Forwarded-For (0: the peer address itself).
+    forwarded_hops: int = Field(default=0, ge=0, le=10)
+    # Comma-separated origins a browser may open the WebSockets from ("*": any); empty: only the
+    # gateway's own origin (the request's Host). Clients that send no Origin (programs) are let in.
+    allowed_origins: str = ""
     grpc_grace: float = Field(default=5.0, ge=0)
+    # Largest gRPC message either way (bigger: RESOURCE_EXHAUSTED); deadlines for calls that bring none.
+    grpc_max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    grpc_max_call_s: float = Field(default=120.0, gt=0)
+    grpc_max_stream_s: float = Field(default=3600.0, gt=0)
 
 
 class GatewayService(Service):
@@ -57,16 +86,22 @@ class GatewayService(Service):
         core = Core(bus, turn_timeout=s.turn_timeout, services=services, tenants=tenants,
                     search_timeout=s.search_timeout)
         await core.setup()
-        api = HttpApi(core, auth, message_limiter=RateLimiter(s.rate_messages_per_second, s.rate_messages_burst),
-                      start_limiter=RateLimiter(s.rate_starts_per_second, s.rate_starts_burst),
-                      agent_token_ttl=s.agent_token_ttl)
+        agents = AgentDirectory(bus, auth, s.agent_token_ttl)
+        await agents.setup()
+        stack.push_async_callback(agents.close)
+        limits = RateLimits(s)
+        api = HttpApi(core, auth, agents=agents, limits=limits, agent_token_ttl=s.agent_token_ttl,
+                      origins=Origins(s.allowed_origins), forwarded_hops=s.forwarded_hops)
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, s.http_host, s.http_port)
         await site.start()
         stack.push_async_callback(runner.cleanup)
         self.http_port = runner.addresses[0][1]
-        server, self.grpc_port, health = await start_grpc(core, auth, f"{s.grpc_host}:{s.grpc_port}")
+        server, self.grpc_port, health = await start_grpc(
+            core, auth, f"{s.grpc_host}:{s.grpc_port}", limits, s.forwarded_hops,
+            max_message_bytes=s.grpc_max_message_bytes, max_call_s=s.grpc_max_call_s,
+            max_stream_s=s.grpc_max_stream_s)
 
         async def stop_grpc() -> None:
             # Health goes NOT_SERVING first so balancers stop sending; in-flight calls get a grace period.

@@ -10,14 +10,25 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from kefu.gateway.auth import Auth, bearer
+from kefu.gateway.agents import AgentDirectory, account_json
+from kefu.gateway.auth import ROLES, Auth, Origins, bearer
 from kefu.gateway.core import Core, Delta, Final
-from kefu.gateway.ratelimit import RateLimiter
+from kefu.gateway.ratelimit import RateLimits, client_address
 from kefu.gateway.sockets import Sockets
+from kefu.gateway.ui import Ui
 from kefu.gateway.wire import JSON_LIMIT, field, json_response, parse_json_object, reply_json, state_json
 from kefu.shared.bus import subject_token
-from kefu.shared.errors import BadRequest, Internal, KefuError, PayloadTooLarge, RateLimited
+from kefu.shared.errors import (
+    BadRequest,
+    Internal,
+    KefuError,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+)
 from kefu.shared.logging import get_logger
 from kefu.shared.streams import MAX_MEDIA_BYTES
 
@@ -98,8 +109,8 @@ async def read_file_part(request: web.Request, name: str, limit: int) -> bytes:
             if getattr(part, "name", None) == name and found is None:
                 too_large = len(data) > limit
                 found = bytes(data)
-    except (ValueError, AssertionError) as exc:
-        raise BadRequest(f"malformed multipart body: {exc}", code="invalid_field") from None
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # e.g. LineTooLong: no boundary in sight
+        raise BadRequest(f"malformed multipart body: {str(exc)[:200]}", code="invalid_field") from None
     if found is None:
         raise BadRequest(f"missing multipart field {name!r}", code="missing_field")
     if too_large:
@@ -108,17 +119,21 @@ async def read_file_part(request: web.Request, name: str, limit: int) -> bytes:
 
 
 class HttpApi:
-    def __init__(self, core: Core, auth: Auth, *, message_limiter: RateLimiter, start_limiter: RateLimiter,
-                 agent_token_ttl: float = 12 * 3600.0) -> None:
+    def __init__(self, core: Core, auth: Auth, *, agents: AgentDirectory, limits: RateLimits,
+                 agent_token_ttl: float = 12 * 3600.0, origins: Origins | None = None, forwarded_hops: int = 0) -> None:
         self.core = core
         self.auth = auth
+        self.agents = agents
         self.agent_token_ttl = agent_token_ttl
-        self.message_limiter = message_limiter
-        self.start_limiter = start_limiter
-        self.sockets = Sockets(core, auth, message_limiter=message_limiter)
+        self.limits = limits
+        self.forwarded_hops = forwarded_hops
+        self.sockets = Sockets(core, auth, agents=agents, limits=limits, origins=origins or Origins(),
+                               address=self._address)
+        # The widget's REST calls answer CORS for the origins its sockets admit.
+        self.ui = Ui(origins or Origins())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors_middleware], client_max_size=IMAGE_LIMIT + 64 * 1024)
+        app = web.Application(middlewares=[self.ui.cors, errors_middleware], client_max_size=IMAGE_LIMIT + 64 * 1024)
         app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -132,12 +147,20 @@ class HttpApi:
             web.post("/v1/conversations/{cid}/images", self.post_image),
             web.get("/v1/ws", self.sockets.visitor_ws),
             web.post("/v1/agents", self.create_agent),
+            web.post("/v1/agent/login", self.agent_login),
+            web.put("/v1/tenants/{tenant}/agents/{agent_id}", self.put_agent),
+            web.get("/v1/tenants/{tenant}/agents", self.list_agents),
+            web.delete("/v1/tenants/{tenant}/agents/{agent_id}", self.delete_agent),
             web.get("/v1/agent/ws", self.sockets.agent_ws),
         ])
+        self.ui.add_routes(app)  # the widget, its demo page and the agent console
         return app
 
     def _token(self, request: web.Request) -> str | None:
         return bearer(request.headers.get("Authorization"))
+
+    def _address(self, request: web.Request) -> str:
+        return client_address(request.remote, request.headers.get("X-Forwarded-For"), self.forwarded_hops)
 
     async def healthz(self, _: web.Request) -> web.Response:
         return json_response({"status": "ok"})
@@ -182,21 +205,22 @@ class HttpApi:
         return json_response({"hits": hits})
 
     async def start_conversation(self, request: web.Request) -> web.Response:
-        self.start_limiter.check(request.remote or "")
+        tenant = self.core.tenant(request.match_info["tenant"])
+        self.limits.start(self._address(request), tenant)
         body = await read_json(request) if request.can_read_body else {}
         visitor_id = field(body, "visitor_id", required=False, default="")
-        tenant = request.match_info["tenant"]
         cid = await self.core.start_conversation(tenant, visitor_id)
         token = self.auth.issue_visitor(cid, tenant)
         return json_response({"conversation_id": cid, "visitor_token": token}, status=201)
 
     async def post_message(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["cid"]
-        self.auth.require_conversation(self._token(request), cid, admin_ok=False)
+        grant = self.auth.require_conversation(self._token(request), cid, admin_ok=False)
+        assert grant is not None
         body = await read_json(request)
         text = field(body, "text")
         cmid = field(body, "client_msg_id", required=False, default="")
-        self.message_limiter.check(cid)
+        self.limits.message(self._address(request), cid, grant.tenant)
         if "text/event-stream" in request.headers.get("Accept", ""):
             return await self._stream_reply(request, cid, text, cmid)
         return json_response(reply_json(await self.core.reply(cid, text, cmid)))
@@ -217,11 +241,12 @@ class HttpApi:
         await resp.prepare(request)
 
         async def send(item: Delta | Final) -> None:
+            # id: the conversation seq (a delta's visitor message, the reply's own event for done).
             if isinstance(item, Delta):
-                event, data = "delta", {"text": item.text}
+                event, seq, data = "delta", item.seq, {"text": item.text}
             else:
-                event, data = "done", reply_json(item.reply)
-            await resp.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
+                event, seq, data = "done", item.reply.reply_seq, reply_json(item.reply)
+            await resp.write(f"id: {seq}\nevent: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
 
         async def relay() -> None:
             await send(first)
@@ -259,8 +284,9 @@ class HttpApi:
 
     async def post_image(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
-        self.auth.require_conversation(self._token(request), cid, admin_ok=False)
-        self.message_limiter.check(cid)
+        grant = self.auth.require_conversation(self._token(request), cid, admin_ok=False)
+        assert grant is not None
+        self.limits.upload(self._address(request), cid, grant.tenant)
         image = await read_file_part(request, "file", IMAGE_LIMIT)
         reply = await self.core.add_image(cid, image)
         return json_response({"seq": reply.seq, "text": reply.text})
@@ -280,14 +306,76 @@ class HttpApi:
             at_seq = int(raw)
         except ValueError:
             raise BadRequest("at_seq must be an integer", code="invalid_field") from None
-        if at_seq < 0:
-            raise BadRequest("at_seq must not be negative", code="invalid_field")
+        if not 0 <= at_seq < 2**63:
+            raise BadRequest("at_seq must be between 0 and 2^63-1", code="invalid_field")
         return json_response(state_json(await self.core.get_state(request.match_info["cid"], at_seq), admin=True))
 
     async def create_agent(self, request: web.Request) -> web.Response:
+        """A token without an account: for ``tenant`` when given, else deployment-wide (every tenant)."""
         self.auth.require_admin(self._token(request))
         body = await read_json(request)
-        agent_id = field(body, "agent_id")
-        subject_token(agent_id)
-        token = self.auth.issue_agent(agent_id, self.agent_token_ttl)
-        return json_response({"agent_id": agent_id, "agent_token": token}, status=201)
+        agent_id = subject_token(field(body, "agent_id"))
+        tenant = field(body, "tenant", required=False, default="")
+        if tenant:
+            self.core.tenant(tenant)
+        role = _role(body)
+        token = self.auth.issue_agent(agent_id, self.agent_token_ttl, tenant=tenant, role=role)
+        return json_response({"agent_id": agent_id, "agent_token": token, "tenant": tenant, "role": role,
+                              "expires_in": int(self.agent_token_ttl)}, status=201)
+
+    async def _require_manager(self, request: web.Request, tenant: str) -> None:
+        """The admin token, or an agent token with role admin of ``tenant`` (or of every tenant)."""
+        token = self._token(request)
+        if not token:
+            raise Unauthenticated("an admin token or a tenant admin's agent token is required")
+        if self.auth.is_admin(token):
+            return
+        if not self.auth.is_agent_token(token):
+            raise PermissionDenied("this call needs the admin token or a tenant admin's agent token")
+        grant = await self.agents.admit(token)
+        if not grant.may_manage(tenant):
+            raise PermissionDenied(f"this token does not manage the agents of tenant {tenant!r}",
+                                   code="permission_denied")
+
+    async def put_agent(self, request: web.Request) -> web.Response:
+        tenant = self.core.tenant(request.match_info["tenant"])
+        agent_id = subject_token(request.match_info["agent_id"])
+        await self._require_manager(request, tenant)
+        body = await read_json(request)
+        password = field(body, "password")
+        name = field(body, "name", required=False, default="")
+        account = await self.agents.put(tenant, agent_id, password, _role(body), name)
+        log.info("agent account saved", tenant=tenant, agent_id=agent_id, role=account.role)
+        return json_response(account_json(account))
+
+    async def list_agents(self, request: web.Request) -> web.Response:
+        tenant = self.core.tenant(request.match_info["tenant"])
+        await self._require_manager(request, tenant)
+        accounts = await self.agents.list(tenant)
+        return json_response({"agents": [{k: v for k, v in account_json(a).items() if k != "tenant"}
+                                         for a in accounts]})
+
+    async def delete_agent(self, request: web.Request) -> web.Response:
+        tenant = self.core.tenant(request.match_info["tenant"])
+        agent_id = subject_token(request.match_info["agent_id"])
+        await self._require_manager(request, tenant)
+        await self.agents.remove(tenant, agent_id)
+        log.info("agent account removed", tenant=tenant, agent_id=agent_id)
+        return json_response({"tenant": tenant, "agent_id": agent_id, "deleted": True})
+
+    async def agent_login(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        tenant = self.core.tenant(field(body, "tenant"))
+        agent_id = subject_token(field(body, "agent_id"))
+        password = field(body, "password")
+        self.limits.login(self._address(request), f"{tenant}.{agent_id}")
+        token, account = await self.agents.login(tenant, agent_id, password)
+        return json_response({"agent_token": token, **account_json(account),
+                              "expires_in": int(self.agent_token_ttl)})
+
+
+def _role(body: dict[str, Any]) -> str:
+    role = field(body, "role", required=False, default="agent")
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {', '.join(ROLES)}", code="invalid_field")
+    return role

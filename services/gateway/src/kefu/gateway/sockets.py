@@ -6,27 +6,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
-from kefu.gateway.auth import Auth, bearer
-from kefu.gateway.core import Core, Delta
-from kefu.gateway.ratelimit import RateLimiter
-from kefu.gateway.wire import JSON_LIMIT, field, parse_json_object, reply_json, state_json, suggestion_json
+from kefu.gateway.agents import AgentDirectory
+from kefu.gateway.auth import Auth, Origins, bearer
+from kefu.gateway.core import Core
+from kefu.gateway.feed import Feed, Frame
+from kefu.gateway.ratelimit import RateLimits
+from kefu.gateway.wire import JSON_LIMIT, field, frame_json, parse_json_object, state_json, suggestion_json
 from kefu.proto.bus.v1 import turn_pb2
-from kefu.shared.errors import BadRequest, KefuError, Unauthenticated
-from kefu.shared.streams import out_subject
+from kefu.shared.errors import BadRequest, KefuError, PermissionDenied, Unauthenticated
+from kefu.shared.streams import handoff_subject, out_subject
+
+# Close code of an agent socket whose account was removed or whose token stopped counting (4000-4999
+# are the application's; 4401 reads as "401 on a socket").
+CLOSE_REVOKED = 4401
 
 
 class Sockets:
-    def __init__(self, core: Core, auth: Auth, *, message_limiter: RateLimiter) -> None:
+    def __init__(self, core: Core, auth: Auth, *, agents: AgentDirectory, limits: RateLimits, origins: Origins,
+                 address: Callable[[web.Request], str]) -> None:
         self.core = core
         self.auth = auth
-        self.message_limiter = message_limiter
+        self.agents = agents
+        self.limits = limits
+        self.origins = origins
+        self.address = address
 
     def _token(self, request: web.Request) -> str | None:
         return bearer(request.headers.get("Authorization"))
+
+    def _check_origin(self, request: web.Request) -> None:
+        """Before the upgrade: a browser page of another site may not open the socket (403 origin_not_allowed)."""
+        self.origins.check(request.headers.get("Origin"), request.host)
 
     async def agent_ws(self, request: web.Request) -> web.StreamResponse:
         """The agent console: the queue of conversations waiting for a person; accept, reply, release.
@@ -36,12 +52,33 @@ class Sockets:
         ``visitor_message`` carry ``suggestion`` (``{"text","citations"}``) when the knowledge base answers
         the visitor's (last) question: what the bot would have said. Client frames:
         ``{"type": "accept"|"release", "conversation_id"}``, ``{"type": "reply", "conversation_id", "text"}``.
+
+        A tenant's agent sees and acts on that tenant's conversations only (another's: ``error``
+        ``permission_denied``); the admin token and deployment-wide tokens see every tenant. When the
+        agent's account is removed (or its token stops counting), the socket closes with code 4401.
         """
-        agent = self.auth.verify_agent(request.query.get("token") or self._token(request))
+        self._check_origin(request)
+        token = request.query.get("token") or self._token(request)
+        grant = await self.agents.admit(token)
+        agent = grant.agent_id
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=JSON_LIMIT)
         await ws.prepare(request)
         lock = asyncio.Lock()
         subs: dict[str, Any] = {}
+        tenants: dict[str, str] = {}  # conversation -> its tenant (it never changes)
+
+        async def on_revoked(reason: str) -> None:
+            await ws.close(code=CLOSE_REVOKED, message=reason.encode()[:120])
+
+        forget = self.agents.watch(grant, on_revoked)
+
+        async def check_tenant(cid: str) -> None:
+            if not grant.tenant:
+                return
+            if cid not in tenants:
+                tenants[cid] = (await self.core.get_state(cid)).tenant
+            if tenants[cid] != grant.tenant:
+                raise PermissionDenied("that conversation belongs to another tenant", code="permission_denied")
 
         async def send(obj: dict[str, Any]) -> None:
             async with lock:
@@ -69,12 +106,16 @@ class Sockets:
             if cid not in subs:
                 subs[cid] = await self.core.bus.nc.subscribe(out_subject(cid), cb=on_out)
 
-        handoff_sub = await self.core.bus.nc.subscribe("kefu.handoff.*", cb=on_handoff)
+        handoff_sub = await self.core.bus.nc.subscribe(
+            handoff_subject(grant.tenant) if grant.tenant else handoff_subject("*"), cb=on_handoff)
         try:
-            await send({"type": "queue", "agent_id": agent,
-                        "conversations": [notice_json(n) for n in await self.core.waiting()]})
+            waiting = [notice_json(n) for n in await self.core.waiting() if grant.sees(n.tenant)]
+            await send({"type": "queue", "agent_id": agent, "tenant": grant.tenant, "role": grant.role,
+                        "conversations": waiting})
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
+                    if msg.type == WSMsgType.BINARY:
+                        await send({"type": "error", "code": "bad_request", "message": "send JSON text frames"})
                     continue
                 try:
                     data = parse_json_object(msg.data)
@@ -83,6 +124,12 @@ class Sockets:
                         raise BadRequest("type must be accept, reply or release", code="invalid_field")
                     cid = field(data, "conversation_id")
                     text = field(data, "text") if kind == "reply" else ""
+                    try:
+                        await self.agents.admit(token)  # removed a moment ago: not one more action
+                    except Unauthenticated as exc:
+                        await on_revoked(exc.message)
+                        break
+                    await check_tenant(cid)
                     reply = await self.core.agent_action(cid, agent, kind, text)
                     if kind == "accept":
                         await follow(cid)
@@ -100,67 +147,130 @@ class Sockets:
                 except KefuError as exc:
                     await send({"type": "error", "code": exc.code, "message": exc.message})
         finally:
+            forget()
             for sub in (handoff_sub, *subs.values()):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         return ws
 
     async def visitor_ws(self, request: web.Request) -> web.StreamResponse:
+        """The visitor's socket: client frames ``message`` and ``resume``; server frames ``delta``,
+        ``reply``, ``agent_message``, ``resync`` and ``error``, each event with its conversation seq.
+        ``?last_seq=N`` (or a ``{"type": "resume", "last_seq": N}`` frame) first replays every event
+        after N (:class:`~kefu.gateway.feed.Feed`)."""
+        self._check_origin(request)
         token = request.query.get("token") or self._token(request)
         if not token:
             raise Unauthenticated("a visitor token is required (?token=)")
-        grant = self.auth.verify_visitor(token)
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=JSON_LIMIT)
+        grant = self.auth.require_visitor(token)
+        address = self.address(request)
+        raw = request.query.get("last_seq")
+        last_seq = None if raw is None else _seq(raw)
+        # No permessage-deflate: a compressor per socket costs hundreds of KB for frames of a few words.
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=JSON_LIMIT, compress=False)
         await ws.prepare(request)
         cid = grant.conversation_id
-        send_lock = asyncio.Lock()
-
-        async def send(obj: dict[str, Any]) -> None:
-            async with send_lock:
-                if not ws.closed:
-                    await ws.send_str(json.dumps(obj, ensure_ascii=False))
-
-        async def on_out(msg: Any) -> None:
-            with contextlib.suppress(Exception):
-                ev = turn_pb2.OutEvent.FromString(msg.data)
-                if ev.kind == "agent_message":
-                    await send({"type": "agent_message", "text": ev.text})
-
-        sub = await self.core.bus.nc.subscribe(out_subject(cid), cb=on_out)
+        out = Outbox(ws)
+        # Listening starts before any state is read, so nothing published meanwhile is missed.
+        feed = Feed(self.core, cid, out.frame)
         tasks: set[asyncio.Task[None]] = set()
 
         async def handle(text: str, cmid: str) -> None:
             try:
-                self.message_limiter.check(cid)
-                async for item in self.core.send_message(cid, text, cmid):
-                    if isinstance(item, Delta):
-                        await send({"type": "delta", "text": item.text})
-                    else:
-                        await send({"type": "reply", **reply_json(item.reply)})
+                self.limits.message(address, cid, grant.tenant)
+                await feed.turn(text, cmid)
             except KefuError as exc:
-                await send({"type": "error", "code": exc.code, "message": exc.message})
+                out.error(exc)
 
         try:
+            if last_seq is not None:
+                await feed.resume(last_seq)
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     if msg.type == WSMsgType.BINARY:
-                        await send({"type": "error", "code": "bad_request", "message": "send JSON text frames"})
+                        out.error(BadRequest("send JSON text frames"))
                     continue
                 try:
                     data = parse_json_object(msg.data)
-                    if data.get("type") != "message":
-                        raise BadRequest("unknown frame type (expected \"message\")", code="invalid_field")
+                    kind = data.get("type")
+                    if kind == "resume":
+                        await feed.resume(_seq(field(data, "last_seq", kind=int)))
+                        continue
+                    if kind != "message":
+                        raise BadRequest("unknown frame type (expected \"message\" or \"resume\")",
+                                         code="invalid_field")
                     text = field(data, "text")
                     cmid = field(data, "client_msg_id", required=False, default="")
                 except KefuError as exc:
-                    await send({"type": "error", "code": exc.code, "message": exc.message})
+                    out.error(exc)
                     continue
                 task = asyncio.create_task(handle(text, cmid))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
+            feed.close()
+            # The visitor left: in-flight turns stop (and tell dialogue to stop the model's work), but only
+            # after their first step, so a message received just before the close still goes out.
+            loop = asyncio.get_running_loop()
             for task in tasks:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                loop.call_soon(task.cancel)
         return ws
+
+
+def _seq(value: str | int) -> int:
+    try:
+        seq = int(value)
+    except ValueError:
+        raise BadRequest("last_seq must be an integer", code="invalid_field") from None
+    if seq < 0:
+        raise BadRequest("last_seq must not be negative", code="invalid_field")
+    return seq
+
+
+class Outbox:
+    """A visitor socket's frames, written in order by a task that exists only while there is something to write.
+
+    A reader that falls too far behind is disconnected (1013, try again later) rather than buffered
+    without bound; it comes back with its last seq and is replayed what it missed.
+    """
+
+    __slots__ = ("_queue", "_writer", "ws")
+    LIMIT = 1000
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self._queue: deque[str] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    def frame(self, f: Frame) -> None:
+        self.push(frame_json(f))
+
+    def error(self, exc: KefuError) -> None:
+        self.push({"type": "error", "code": exc.code, "message": exc.message})
+
+    def push(self, obj: dict[str, Any]) -> None:
+        if self.ws.closed:
+            return
+        if self._queue is None:
+            self._queue = deque()
+        if len(self._queue) >= self.LIMIT:
+            self._queue.clear()
+            self._writer = self._writer or asyncio.create_task(self._close_slow())
+            return
+        self._queue.append(json.dumps(obj, ensure_ascii=False))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self._queue and not self.ws.closed:
+                await self.ws.send_str(self._queue.popleft())
+        except Exception:  # the socket went away under us: its handler ends on its own
+            pass
+        finally:
+            self._queue = None
+            self._writer = None
+
+    async def _close_slow(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow: reconnect with last_seq")
