@@ -36,7 +36,10 @@ MANIFEST = {
     "intents": [
         {
             "tool": "create_refund",
-            "keywords": ["退款", "申请退款", "我要退货退款", "refund", "money back", "return and refund"],
+            # Requests, not questions about refunds ("退款多久到账？" is answered from the knowledge base).
+            "keywords": ["我要退款", "申请退款", "要退款", "想退款", "给我退款", "帮我退款", "办理退款", "退款申请",
+                         "want a refund", "request a refund", "refund my order", "refund order", "refund for order",
+                         "refund for my", "money back for"],
             "examples": ["订单 20261124001 我要退款", "I want a refund for order 20261124001"],
             "slot_arguments": {"order_id": "order_id"},
             "ask_zh": "请告诉我需要退款的订单号。",

@@ -14,6 +14,9 @@ from kefu.dialogue.state import (
     State,
     TagAdded,
     TagRemoved,
+    ToolConfirmed,
+    ToolProposed,
+    ToolResult,
     VisitorMessage,
     fold,
     merge,
@@ -32,7 +35,7 @@ def histories(draw: st.DrawFn) -> list[Event]:
     for i in range(1, n + 1):
         writer = draw(st.sampled_from(WRITERS))
         clocks[writer] = max(clocks[writer], draw(st.integers(0, 3)) + max(clocks.values())) + 1
-        kind = draw(st.sampled_from(["visitor", "bot", "agent", "mode", "slot", "tag", "untag"]))
+        kind = draw(st.sampled_from(["visitor", "bot", "agent", "mode", "slot", "tag", "untag", "tool"]))
         if kind == "visitor":
             body = VisitorMessage(draw(st.sampled_from(["hi", "X100 price?", "它保修多久"])),
                                   draw(st.sampled_from(["", "m1", "m2"])),
@@ -48,6 +51,15 @@ def histories(draw: st.DrawFn) -> list[Event]:
         elif kind == "tag":
             body = TagAdded(draw(st.sampled_from(["vip", "angry"])))
             added.append((body.tag, f"e{i}"))
+        elif kind == "tool":
+            # Parts of two calls, possibly written twice by different writers (a retry on another replica).
+            call = draw(st.sampled_from(["call-1", "call-2"]))
+            body = draw(st.sampled_from([
+                ToolProposed(call, "payment", "create_refund", '{"order_id":"1"}', "h1"),
+                ToolConfirmed(call, "payment", "create_refund", "h1", "visitor", 3),
+                ToolConfirmed(call, "payment", "create_refund", "h1", "visitor", 3, declined=True),
+                ToolResult(call, "payment", "create_refund", True, '{"created":true}'),
+            ]))
         else:
             tag = draw(st.sampled_from(["vip", "angry"]))
             body = TagRemoved(tag, tuple(eid for t, eid in added if t == tag))

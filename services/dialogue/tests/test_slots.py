@@ -77,8 +77,13 @@ def test_model_slot_proposals_are_kept_only_where_the_text_bears_them_out():
     text = "My Aurora blender from order 20261124001 has not arrived yet."
     found = extract(text, now)
     proposed = {"product": "Aurora Blender", "order_id": "20261124001", "phone": "1234567890"}
-    # The order number the rules missed is in the text; the phone number is invented.
-    assert verify_model_slots(proposed, text, found, now) == {"product": "Aurora Blender", "order_id": "20261124001"}
+    # The rules found the order number; the product they missed is in the text; the phone number is invented.
+    assert found == {"order_id": "20261124001"}
+    assert verify_model_slots(proposed, text, found, now) == {"product": "Aurora Blender"}
+    # An order number the rules leave alone (no "order" before it) is kept when the text has it.
+    bare = "My Aurora blender (20261124001) has not arrived yet."
+    assert verify_model_slots(proposed, bare, extract(bare, now), now) == {"product": "Aurora Blender",
+                                                                          "order_id": "20261124001"}
     text = "我买的小米空气净化器还没到，手机号 13812345678"
     proposed = {"product": "小米空气净化器", "order_id": "13812345678", "phone": "13812345678",
                 "date": "2022-01-01T12:00:00Z"}
@@ -109,3 +114,25 @@ def test_a_member_tier_is_remembered_for_the_questions_about_membership():
     assert rewrite("生日券有多少？", {"tier": "gold"}) == "金卡 gold 生日券有多少？"
     assert rewrite("How much is the X100?", {"tier": "gold"}) == "How much is the X100?"  # not about membership
     assert rewrite("银卡的生日券呢", {"tier": "gold"}).startswith("银卡")  # names its own tier
+
+
+def test_the_city_of_the_store_asked_about_is_remembered_for_its_hours_and_address():
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    assert extract("北京中关村店周末营业到几点？", now)["city"] == "beijing"
+    assert extract("Is there a store in Chengdu?", now)["city"] == "chengdu"
+    assert "city" not in extract("北京和上海都有店吗", now)  # two cities: neither is the one
+    slots = {"city": "beijing"}
+    assert rewrite("What time do you close on Sunday?", slots) == "北京 beijing What time do you close on Sunday?"
+    assert rewrite("你们店地址在哪？", slots) == "北京 beijing 你们店地址在哪？"
+    assert rewrite("上海的店几点关门？", slots) == "上海的店几点关门？"  # names its own city
+    assert rewrite("How long do refunds take?", slots) == "How long do refunds take?"  # not about a store
+
+
+def test_shorter_order_numbers_count_when_the_message_says_so_or_is_only_the_number():
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    assert extract("查一下订单 20261124001", now)["order_id"] == "20261124001"
+    assert extract("Where is my order #A1234567?", now)["order_id"] == "A1234567"
+    assert extract("20261124002", now)["order_id"] == "20261124002"
+    # Numbers without the word are not orders: a price, a phone, a quantity.
+    assert "order_id" not in extract("X100 costs 3299 yuan, call 13812345678", now)
+    assert extract("13812345678", now) == {"phone": "13812345678"}

@@ -53,3 +53,24 @@ def test_events_and_state_round_trip_through_protobuf():
         assert event_from_proto(event_to_proto(ev)) == ev
     s = fold("c1", "acme", events())
     assert state_from_proto(state_to_proto(s)) == s
+
+
+def test_a_tool_call_is_pending_until_answered_and_round_trips():
+    from kefu.dialogue.state import ToolConfirmed, ToolProposed, ToolResult
+
+    proposed = ToolProposed("call-1", "payment", "create_refund", '{"order_id":"20261124001"}', "ab12", "visitor",
+                            "Shall I request a refund?", 7)
+    base = events()
+    evs = [*base, Event("t1", "c1", "acme", 7, 2000, "test", 20, proposed)]
+    s = fold("c1", "acme", evs)
+    assert s.pending_tool().proposed.body == proposed
+    confirmed = ToolConfirmed("call-1", "payment", "create_refund", "ab12", "visitor", 8)
+    result = ToolResult("call-1", "payment", "create_refund", True, '{"created": true}', plugin_version="1.0.0")
+    evs += [Event("t2", "c1", "acme", 8, 2001, "test", 21, confirmed), Event("t3", "c1", "acme", 9, 2002, "test", 22, result)]
+    s = fold("c1", "acme", evs)
+    assert s.pending_tool() is None
+    call = s.tool_calls["call-1"]
+    assert (call.confirmed.seq, call.result.body.ok) == (8, True)
+    for ev in evs:
+        assert event_from_proto(event_to_proto(ev)) == ev
+    assert state_from_proto(state_to_proto(s)) == s

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import hashlib
+import json
 import time
 import uuid
 import weakref
@@ -18,21 +20,37 @@ from kefu.dialogue.answer import Answer, Answerer, AnswerSettings
 from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.gloss import Gloss
 from kefu.dialogue.memory import fold, points_back, recall
-from kefu.dialogue.policy import context_note, handoff_summary, wants_human
+from kefu.dialogue.plugins import Plugins
+from kefu.dialogue.policy import HANDOFF_UPSET_TEXT, context_note, handoff_summary, lang, wants_human
 from kefu.dialogue.slots import extract, rewrite, verify_model_slots
 from kefu.dialogue.state import (
     AgentMessage,
+    Body,
     BotReply,
     ModeChanged,
     OcrResult,
+    Provenance,
     SlotSet,
     Started,
     State,
     TagAdded,
+    TagRemoved,
+    ToolConfirmed,
+    ToolProposed,
+    ToolResult,
     VisitorMessage,
 )
 from kefu.dialogue.store import ConversationStore
-from kefu.proto.bus.v1 import llm_pb2, turn_pb2
+from kefu.dialogue.tools import (
+    CANCELLED_TEXT,
+    FAILED_TEXT,
+    Match,
+    ask_text,
+    confirm_text,
+    confirmation_answer,
+    match_tool,
+)
+from kefu.proto.bus.v1 import llm_pb2, plugin_pb2, turn_pb2
 from kefu.shared import text as textutil
 from kefu.shared.bus import Bus, decode, ensure_kv, subject_token
 from kefu.shared.config import KefuSettings
@@ -42,6 +60,8 @@ from kefu.shared.streams import TURN_CANCEL, handoff_subject, handoffs_kv, out_s
 
 MAX_TEXT_CHARS = 4000
 APPEND_RETRIES = 5
+# How long a tool call may take, its plugin's own timeout included.
+TOOL_CALL_TIMEOUT = 35.0
 # How long the agent's suggestion may hold up a visitor message in human mode (a search, no model).
 SUGGEST_TIMEOUT = 5.0
 
@@ -116,6 +136,7 @@ class DialogueService(Service):
         # expected-last-subject-sequence check on every append.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.handoffs: KeyValue | None = None
+        self.plugins: Plugins | None = None
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         await asyncio.to_thread(textutil.warm_up)
@@ -137,6 +158,8 @@ class DialogueService(Service):
         stack.push_async_callback(cancel_sub.unsubscribe)
         await bus.serve("kefu.dialogue.agent", turn_pb2.AgentRequest, self._agent, queue="dialogue")
         self.handoffs = await ensure_kv(bus.js, handoffs_kv())
+        self.plugins = Plugins(bus)
+        await self.plugins.setup()
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         lock = self._locks.get(conversation_id)
@@ -306,16 +329,133 @@ class DialogueService(Service):
                 await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
                     conversation_id=cid, turn_id=req.turn_id, kind="delta", text=delta, seq=seq))
 
-            answer = await self.answerer.answer(tenant=state.tenant, mode=state.mode, text=text, query=query,
-                                                kb_min_seq=req.kb_min_seq, emit=emit, failures=failures(state),
-                                                context=conversation_note(state, seq) if self.settings.llm_enabled else "",
-                                                turn_id=req.turn_id)
+            answer = None
+            if state.mode == "bot" and not wants_human(text):
+                state, answer = await self._plugin_turn(state, seq, text)
+            if answer is not None:
+                await emit(answer.text)
+            else:
+                answer = await self.answerer.answer(
+                    tenant=state.tenant, mode=state.mode, text=text, query=query, kb_min_seq=req.kb_min_seq,
+                    emit=emit, failures=failures(state),
+                    context=conversation_note(state, seq) if self.settings.llm_enabled else "", turn_id=req.turn_id)
             reply_seq = await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
             conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq, reply_seq=reply_seq))
         self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
         return turn_pb2.TurnReply(seq=seq, reply=reply, reply_seq=reply_seq)
+
+    # Plugins: hooks, and tools routed by their intents under the confirmation rule (kefu.dialogue.tools)
+
+    async def _plugin_turn(self, state: State, seq: int, text: str) -> tuple[State, Answer | None]:
+        """The reply when plugins answer this message (a hook hands it over, a tool is asked for or
+        confirmed); None to answer from the knowledge base."""
+        assert self.plugins is not None
+        language = lang(text)
+        offer = await self.plugins.offer(state.tenant)
+        if "on_message" in offer.hooks:
+            results = await self.plugins.hook("on_message", state.tenant, state.conversation_id, text, language,
+                                              state.slots)
+            state = await self._tag(state, [t for r in results for t in r.tags])
+            if reason := next((r.handoff_reason for r in results if r.handoff_reason), ""):
+                return state, Answer(HANDOFF_UPSET_TEXT[language], "handoff", handoff=True,
+                                     provenance=Provenance(decision=f"handoff:plugin:{reason}"))
+        pending = state.pending_tool()
+        if pending is not None and pending.proposed is not None:
+            proposal: ToolProposed = pending.proposed.body  # type: ignore[assignment]
+            yes = confirmation_answer(text)
+            state = await self._append_body(state, ToolConfirmed(
+                proposal.call_id, proposal.plugin, proposal.tool, proposal.arguments_sha256, "visitor", seq,
+                declined=not yes))
+            if yes:  # the yes is an event of its own; the plugins service reads it before it runs the tool
+                return await self._run_tool(state, proposal, state.stream_seq, language)
+            if yes is False:
+                return state, Answer(CANCELLED_TEXT[language], "plugin", provenance=Provenance(
+                    decision=f"tool_declined:{proposal.plugin}.{proposal.tool}"))
+            # Anything else is not an answer: the offer lapses and the message is taken as it is.
+        if not offer.tools:
+            return state, None
+        match = match_tool(text, offer.tools, state.slots) or self._asked_tool(state, offer.tools)
+        if match is None:
+            return state, None
+        name = match.spec.name
+        if match.missing:
+            return state, Answer(ask_text(match.spec, match.missing, language), "plugin",
+                                 provenance=Provenance(decision=f"tool_ask:{name}"))
+        args = match.arguments_json
+        proposal = ToolProposed(uuid.uuid4().hex, match.spec.plugin, match.spec.tool, args,
+                                hashlib.sha256(args.encode()).hexdigest(),
+                                match.spec.confirmation if match.spec.side_effecting else "none",
+                                confirm_text(match.spec, match.arguments, language), seq)
+        state = await self._append_body(state, proposal)
+        if not match.spec.side_effecting:
+            return await self._run_tool(state, proposal, 0, language)
+        return state, Answer(proposal.summary, "plugin", provenance=Provenance(decision=f"tool_proposed:{name}"))
+
+    @staticmethod
+    def _asked_tool(state: State, specs: list) -> Match | None:  # noqa: ANN001 (list[ToolSpec])
+        """The tool the bot asked arguments for in its last reply, now that the slots may hold them."""
+        last = next((t for t in reversed(state.turns) if t.role == "bot"), None)
+        decision = last.provenance.decision if last is not None and last.provenance is not None else ""
+        if not decision.startswith("tool_ask:"):
+            return None
+        spec = next((s for s in specs if s.name == decision.removeprefix("tool_ask:")), None)
+        if spec is None:
+            return None
+        args = {arg: state.slots[slot] for arg, slot in spec.slot_arguments.items() if state.slots.get(slot)}
+        missing = tuple(a for a in spec.required if a not in args)
+        return Match(spec, args, missing) if not missing else None
+
+    async def _run_tool(self, state: State, proposal: ToolProposed, confirmation_stream_seq: int,
+                        language: str) -> tuple[State, Answer]:
+        assert self.plugins is not None
+        name = f"{proposal.plugin}.{proposal.tool}"
+        req = plugin_pb2.ToolCallRequest(
+            tenant=state.tenant, conversation_id=state.conversation_id, plugin=proposal.plugin, tool=proposal.tool,
+            arguments_json=proposal.arguments_json, call_id=proposal.call_id,
+            confirmation_stream_seq=confirmation_stream_seq, lang=language)
+        try:
+            reply = await self.plugins.call(req, TOOL_CALL_TIMEOUT)
+            result = ToolResult(proposal.call_id, proposal.plugin, proposal.tool, True, reply.result_json,
+                                plugin_version=reply.version)
+            try:
+                message = json.loads(reply.result_json).get("message")
+            except (ValueError, AttributeError):
+                message = None
+        except KefuError as exc:
+            self.log.warning("tool call failed", conversation_id=state.conversation_id, tool=name, code=exc.code)
+            result = ToolResult(proposal.call_id, proposal.plugin, proposal.tool, False, error_code=exc.code,
+                                error_message=exc.message[:500])
+            message = None
+        state = await self._append_body(state, result)
+        ok = result.ok and isinstance(message, str) and message.strip()
+        text = message.strip()[:2000] if ok else FAILED_TEXT[language]  # type: ignore[union-attr]
+        decision = f"tool_result:{name}" if ok else f"tool_failed:{name}:{result.error_code or 'no_message'}"
+        return state, Answer(text, "plugin", provenance=Provenance(decision=decision))
+
+    async def _tag(self, state: State, tags: list[str]) -> State:
+        """Add ``tags``; a tag ``kind:value`` replaces the conversation's other ``kind:`` tag."""
+        for tag in dict.fromkeys(tags):
+            if tag in state.tags:
+                continue
+            kind, sep, _ = tag.partition(":")
+            for old in state.tags:
+                if sep and old.startswith(kind + ":"):
+                    state = await self._append_body(state, TagRemoved(old, tuple(sorted(state.tag_adds[old]))))
+            state = await self._append_body(state, TagAdded(tag))
+        return state
+
+    async def _append_body(self, state: State, body: Body) -> State:
+        """Append ``body`` to the conversation (reloading and retrying when another writer came first)."""
+        assert self.store is not None
+        for _ in range(APPEND_RETRIES):
+            try:
+                state, _ev = await self.store.append(state, body, cache=False)
+                return state
+            except Conflict:
+                state = await self.store.load(state.conversation_id, verify=True)
+        raise Conflict("the conversation is too busy, try again", code="concurrent_update")
 
     async def _model_slots(self, state: State, text: str, found: dict[str, str]) -> State:
         """Add the slots the model reads in ``text`` (and the text bears out) as SlotSet events."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 from kefu.dialogue.state import (
     AgentMessage,
@@ -18,6 +19,11 @@ from kefu.dialogue.state import (
     State,
     TagAdded,
     TagRemoved,
+    ToolCall,
+    ToolConfirmed,
+    ToolPart,
+    ToolProposed,
+    ToolResult,
     Turn,
     VisitorMessage,
 )
@@ -55,7 +61,23 @@ def event_to_proto(ev: Event) -> events_pb2.Event:
         case TagRemoved():
             pb.tag_removed.tag = b.tag
             pb.tag_removed.add_ids.extend(b.add_ids)
+        case ToolProposed() | ToolConfirmed() | ToolResult():
+            getattr(pb, _TOOL_FIELDS[type(b)]).CopyFrom(_tool_to_proto(b))
     return pb
+
+
+_TOOL_FIELDS = {ToolProposed: "tool_proposed", ToolConfirmed: "tool_confirmed", ToolResult: "tool_result"}
+_TOOL_PROTOS = {ToolProposed: events_pb2.ToolCallProposed, ToolConfirmed: events_pb2.ToolCallConfirmed,
+                ToolResult: events_pb2.ToolCallResult}
+
+
+def _tool_to_proto(b: ToolProposed | ToolConfirmed | ToolResult):  # noqa: ANN202 (one of three messages)
+    # The dataclasses mirror their messages field for field.
+    return _TOOL_PROTOS[type(b)](**{f: getattr(b, f) for f in b.__dataclass_fields__})
+
+
+def _tool_from_proto(kind: type, pb) -> ToolProposed | ToolConfirmed | ToolResult:  # noqa: ANN001
+    return kind(**{f: getattr(pb, f) for f in kind.__dataclass_fields__})
 
 
 def event_from_proto(pb: events_pb2.Event) -> Event:
@@ -82,6 +104,12 @@ def event_from_proto(pb: events_pb2.Event) -> Event:
         body = TagAdded(pb.tag_added.tag)
     elif kind == "tag_removed":
         body = TagRemoved(pb.tag_removed.tag, tuple(pb.tag_removed.add_ids))
+    elif kind == "tool_proposed":
+        body = _tool_from_proto(ToolProposed, pb.tool_proposed)
+    elif kind == "tool_confirmed":
+        body = _tool_from_proto(ToolConfirmed, pb.tool_confirmed)
+    elif kind == "tool_result":
+        body = _tool_from_proto(ToolResult, pb.tool_result)
     else:
         raise BadRequest(f"event {pb.id} has no body", code="invalid_protobuf")
     return Event(pb.id, pb.conversation_id, pb.tenant, pb.seq, pb.ts_ms, pb.writer, pb.lamport, body)
@@ -118,7 +146,28 @@ def state_to_proto(s: State) -> turn_pb2.ConversationState:
     for tag, ids in s.tag_adds.items():
         pb.tag_adds[tag].ids.extend(sorted(ids))
     pb.tag_removes.extend(sorted(s.tag_removes))
+    for call in s.tool_calls.values():
+        for part in (call.proposed, call.confirmed, call.result):
+            if part is not None:
+                tp = pb.tool_parts.add(seq=part.seq, stamp=_stamp_to_proto(part.stamp))
+                getattr(tp, _PART_FIELDS[type(part.body)]).CopyFrom(_tool_to_proto(part.body))
     return pb
+
+
+_PART_FIELDS = {ToolProposed: "proposed", ToolConfirmed: "confirmed", ToolResult: "result"}
+_PART_KINDS = {"proposed": ToolProposed, "confirmed": ToolConfirmed, "result": ToolResult}
+
+
+def _tool_calls_from_proto(parts) -> dict[str, ToolCall]:  # noqa: ANN001 (repeated ToolPart)
+    calls: dict[str, ToolCall] = {}
+    for tp in parts:
+        which = tp.WhichOneof("part")
+        if which is None:
+            continue
+        body = _tool_from_proto(_PART_KINDS[which], getattr(tp, which))
+        call = calls.get(body.call_id, ToolCall(body.call_id))
+        calls[body.call_id] = replace(call, **{which: ToolPart(tp.seq, _stamp_from_proto(tp.stamp), body)})
+    return calls
 
 
 @functools.lru_cache(maxsize=8192)
@@ -150,4 +199,4 @@ def state_from_proto(pb: turn_pb2.ConversationState) -> State:
                  pb.summary, pb.created_ms, pb.updated_ms, pb.lamport, pb.stream_seq, dict(pb.client_msgs),
                  {k: _stamp_from_proto(v) for k, v in pb.slot_stamps.items()}, _stamp_from_proto(pb.mode_stamp),
                  {k: frozenset(v.ids) for k, v in pb.tag_adds.items()}, frozenset(pb.tag_removes),
-                 pb.handoff_summary)
+                 pb.handoff_summary, _tool_calls_from_proto(pb.tool_parts))

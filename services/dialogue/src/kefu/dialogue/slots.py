@@ -10,6 +10,7 @@ becomes "X100 它保修多久".
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import unicodedata
 
@@ -22,6 +23,11 @@ _PRODUCT = re.compile(
     + r"(?![A-Za-z0-9])", re.I)
 # Letters may touch the order number on the left: OCR often drops spaces ("OrderKF2026...").
 _ORDER = re.compile(r"(?<![0-9])(?:[A-Za-z]{2}\d{10,18}|(?<![A-Za-z])\d{12,20})(?![0-9])")
+# Shorter order numbers count when the message says they are one ("订单 20261124001", "order #A12345678"),
+# or when the message is nothing but the number (the answer to "what is your order number?").
+_ORDER_CUED = re.compile(r"(?:订单号?|单号|\border(?:\s*(?:number|no\.?|id))?|#)\s*(?:是|为|:|：|#|is)?\s*"
+                         r"([A-Za-z]{0,4}\d{6,20})(?![0-9A-Za-z])", re.I)
+_ORDER_ALONE = re.compile(r"^\s*(?:#\s*)?([A-Za-z]{0,4}\d{8,20})\s*[。.!！]?\s*$")
 _PHONE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?(1[3-9]\d{9})(?!\d)")
 _ISO_DATE = re.compile(r"(?<!\d)(20\d{2})[-/.年](\d{1,2})[-/.月](\d{1,2})日?(?!\d)")
 _MD_DATE = re.compile(r"(?<!\d)(\d{1,2})月(\d{1,2})[日号]")
@@ -50,9 +56,11 @@ def _relative_date(text: str, now: dt.date) -> dt.date | None:
     return None
 
 
-def products(text: str) -> set[str]:
-    """The products ``text`` names, normalized ("X100 Pro" -> "x100 pro"; error codes excluded)."""
-    return {" ".join(name.lower().split()) for name in product_names(text)}
+@functools.lru_cache(maxsize=16384)
+def products(text: str) -> frozenset[str]:
+    """The products ``text`` names, normalized ("X100 Pro" -> "x100 pro"; error codes excluded). Cached:
+    the same knowledge-base sentences are read turn after turn."""
+    return frozenset(" ".join(name.lower().split()) for name in product_names(text))
 
 
 def product_names(text: str) -> list[str]:
@@ -75,8 +83,10 @@ def extract(text: str, now: dt.datetime) -> dict[str, str]:
     """The slots ``text`` mentions (only those it mentions)."""
     text = unicodedata.normalize("NFKC", text)
     slots: dict[str, str] = {}
-    orders = _ORDER.findall(text)
     phones = _PHONE.findall(text)
+    orders = _ORDER.findall(text) or [o for o in _ORDER_CUED.findall(text) if o not in phones]
+    if not orders and not phones and (alone := _ORDER_ALONE.match(text)):
+        orders = [alone.group(1)]
     if orders:
         slots["order_id"] = orders[-1].upper()
     if phones:

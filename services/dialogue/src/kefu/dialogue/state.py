@@ -92,7 +92,48 @@ class TagRemoved:
     add_ids: tuple[str, ...] = ()
 
 
-Body = Started | VisitorMessage | BotReply | AgentMessage | ModeChanged | SlotSet | OcrResult | TagAdded | TagRemoved
+@dataclass(frozen=True)
+class ToolProposed:
+    """The bot offers a plugin tool call; a side-effecting one waits for a ToolConfirmed."""
+
+    call_id: str
+    plugin: str
+    tool: str
+    arguments_json: str
+    arguments_sha256: str
+    confirmation: str = "visitor"
+    summary: str = ""
+    in_reply_to: int = 0
+
+
+@dataclass(frozen=True)
+class ToolConfirmed:
+    """The visitor's (or an agent's) yes or no to a proposed call, in a turn of its own."""
+
+    call_id: str
+    plugin: str
+    tool: str
+    arguments_sha256: str
+    by: str
+    message_seq: int = 0
+    declined: bool = False
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    call_id: str
+    plugin: str
+    tool: str
+    ok: bool
+    result_json: str = ""
+    error_code: str = ""
+    error_message: str = ""
+    plugin_version: str = ""
+
+
+Body = (Started | VisitorMessage | BotReply | AgentMessage | ModeChanged | SlotSet | OcrResult | TagAdded | TagRemoved
+        | ToolProposed | ToolConfirmed | ToolResult)
+ToolPartBody = ToolProposed | ToolConfirmed | ToolResult
 
 
 Stamp = tuple[int, str, str]  # (lamport, writer, event id): a total order of writes
@@ -129,6 +170,30 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class ToolPart:
+    """One event of a tool call, with where it sits in the log."""
+
+    seq: int
+    stamp: Stamp
+    body: ToolPartBody
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A plugin tool call as the log tells it: proposed, then confirmed (or declined), then its result."""
+
+    call_id: str
+    proposed: ToolPart | None = None
+    confirmed: ToolPart | None = None
+    result: ToolPart | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Proposed and waiting for the visitor's yes or no."""
+        return self.proposed is not None and self.confirmed is None and self.result is None
+
+
+@dataclass(frozen=True)
 class State:
     conversation_id: str
     tenant: str
@@ -153,6 +218,13 @@ class State:
     tag_removes: frozenset[str] = frozenset()
     # Written with the mode (same register): the summary for the agent of the last handoff.
     handoff_summary: str = ""
+    # Plugin tool calls by call id; each part is written once (the latest stamp wins if ever twice).
+    tool_calls: dict[str, ToolCall] = field(default_factory=dict)
+
+    def pending_tool(self) -> ToolCall | None:
+        """The latest proposed call still waiting for the visitor's answer."""
+        pending = [c for c in self.tool_calls.values() if c.pending]
+        return max(pending, key=lambda c: c.proposed.stamp) if pending else None  # type: ignore[union-attr]
 
     @property
     def tags(self) -> list[str]:
@@ -174,6 +246,24 @@ def _lww(a: dict[str, str], a_stamps: dict[str, Stamp], b: dict[str, str],
         if stamp > stamps.get(key, NO_STAMP):
             values[key], stamps[key] = b[key], stamp
     return values, stamps
+
+
+def _later(x: ToolPart | None, y: ToolPart | None) -> ToolPart | None:
+    if x is None or y is None:
+        return x or y
+    return x if x.stamp >= y.stamp else y
+
+
+def _merge_tools(a: dict[str, ToolCall], b: dict[str, ToolCall]) -> dict[str, ToolCall]:
+    if not b:
+        return a
+    out = dict(a)
+    for cid, call in b.items():
+        mine = out.get(cid)
+        out[cid] = call if mine is None else ToolCall(cid, _later(mine.proposed, call.proposed),
+                                                      _later(mine.confirmed, call.confirmed),
+                                                      _later(mine.result, call.result))
+    return out
 
 
 def merge(a: State, b: State) -> State:
@@ -198,7 +288,7 @@ def merge(a: State, b: State) -> State:
         summary=max(a.summary, b.summary), created_ms=created, updated_ms=max(a.updated_ms, b.updated_ms),
         lamport=max(a.lamport, b.lamport), stream_seq=max(a.stream_seq, b.stream_seq), client_msgs=client_msgs,
         slot_stamps=slot_stamps, mode_stamp=mode_stamp, tag_adds=tag_adds, tag_removes=a.tag_removes | b.tag_removes,
-        handoff_summary=handoff_summary,
+        handoff_summary=handoff_summary, tool_calls=_merge_tools(a.tool_calls, b.tool_calls),
     )
 
 
@@ -229,6 +319,10 @@ def of_event(conversation_id: str, tenant: str, event: Event) -> State:
             return replace(base, tag_adds={tag: frozenset({event.id})})
         case TagRemoved(add_ids=add_ids):
             return replace(base, tag_removes=frozenset(add_ids))
+        case ToolProposed() | ToolConfirmed() | ToolResult():
+            part = ToolPart(event.seq, stamp, body)
+            kind = {ToolProposed: "proposed", ToolConfirmed: "confirmed", ToolResult: "result"}[type(body)]
+            return replace(base, tool_calls={body.call_id: ToolCall(body.call_id, **{kind: part})})
     raise TypeError(f"unknown event body {type(body).__name__}")
 
 

@@ -348,6 +348,7 @@ class ConversationState(_message.Message):
     MODE_STAMP_FIELD_NUMBER: _builtins.int
     TAG_ADDS_FIELD_NUMBER: _builtins.int
     TAG_REMOVES_FIELD_NUMBER: _builtins.int
+    TOOL_PARTS_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     tenant: _builtins.str
     visitor_id: _builtins.str
@@ -382,6 +383,10 @@ class ConversationState(_message.Message):
     def tag_adds(self) -> _containers.MessageMap[_builtins.str, Global___TagAdds]: ...
     @_builtins.property
     def tag_removes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def tool_parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolPart]:
+        """Plugin tool calls: the proposal, confirmation and result events of each, as they were appended."""
+
     def __init__(
         self,
         *,
@@ -404,14 +409,52 @@ class ConversationState(_message.Message):
         mode_stamp: Global___Stamp | None = ...,
         tag_adds: _abc.Mapping[_builtins.str, Global___TagAdds] | None = ...,
         tag_removes: _abc.Iterable[_builtins.str] | None = ...,
+        tool_parts: _abc.Iterable[Global___ToolPart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["mode_stamp", b"mode_stamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msgs", b"client_msgs", "conversation_id", b"conversation_id", "created_ms", b"created_ms", "handoff_summary", b"handoff_summary", "lamport", b"lamport", "mode", b"mode", "mode_stamp", b"mode_stamp", "seq", b"seq", "slot_stamps", b"slot_stamps", "slots", b"slots", "stream_seq", b"stream_seq", "summary", b"summary", "tag_adds", b"tag_adds", "tag_removes", b"tag_removes", "tags", b"tags", "tenant", b"tenant", "turns", b"turns", "updated_ms", b"updated_ms", "visitor_id", b"visitor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_msgs", b"client_msgs", "conversation_id", b"conversation_id", "created_ms", b"created_ms", "handoff_summary", b"handoff_summary", "lamport", b"lamport", "mode", b"mode", "mode_stamp", b"mode_stamp", "seq", b"seq", "slot_stamps", b"slot_stamps", "slots", b"slots", "stream_seq", b"stream_seq", "summary", b"summary", "tag_adds", b"tag_adds", "tag_removes", b"tag_removes", "tags", b"tags", "tenant", b"tenant", "tool_parts", b"tool_parts", "turns", b"turns", "updated_ms", b"updated_ms", "visitor_id", b"visitor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConversationState: _TypeAlias = ConversationState  # noqa: Y015
+
+@_typing.final
+class ToolPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAMP_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    PROPOSED_FIELD_NUMBER: _builtins.int
+    CONFIRMED_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    @_builtins.property
+    def stamp(self) -> Global___Stamp: ...
+    @_builtins.property
+    def proposed(self) -> _events_pb2.ToolCallProposed: ...
+    @_builtins.property
+    def confirmed(self) -> _events_pb2.ToolCallConfirmed: ...
+    @_builtins.property
+    def result(self) -> _events_pb2.ToolCallResult: ...
+    def __init__(
+        self,
+        *,
+        stamp: Global___Stamp | None = ...,
+        seq: _builtins.int = ...,
+        proposed: _events_pb2.ToolCallProposed | None = ...,
+        confirmed: _events_pb2.ToolCallConfirmed | None = ...,
+        result: _events_pb2.ToolCallResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmed", b"confirmed", "part", b"part", "proposed", b"proposed", "result", b"result", "stamp", b"stamp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed", b"confirmed", "part", b"part", "proposed", b"proposed", "result", b"result", "seq", b"seq", "stamp", b"stamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["proposed", "confirmed", "result"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ToolPart: _TypeAlias = ToolPart  # noqa: Y015
 
 @_typing.final
 class Stamp(_message.Message):
