@@ -1,7 +1,7 @@
 """Plugins in conversations: dialogue routes a visitor's request to a plugin tool by its intents, a
 side-effecting call waits for the visitor's yes in a turn of its own, and no message, nor any text
 planted in the knowledge base, gets a refund made without it (a prompt-injection set of 200+ cases).
-Real services on their own nats-server, the real plugins of plugins/, a small CRM HTTP server."""
+Real services on their own nats-server, the real built-in plugins, a small CRM HTTP server."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import asyncio
 import json
 import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from kefu.plugins.app import BUILTIN_DIR
 from kefu.proto.bus.v1 import plugin_pb2, retrieval_pb2, turn_pb2
 from kefu.shared.bus import Bus
 from kefu.shared.natsserver import NatsServer
@@ -22,7 +22,6 @@ from kefu.shared.streams import kb_subject
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
-ROOT = Path(__file__).parents[2]
 ORDER = "20261124001"
 TENANT = "shop"
 
@@ -60,7 +59,7 @@ async def world(tmp_path_factory, models_data_dir):
     port = runner.addresses[0][1]
     crm.url = f"http://127.0.0.1:{port}"
     plugins_dir = tmp / "plugins"
-    shutil.copytree(ROOT / "plugins", plugins_dir, ignore=shutil.ignore_patterns("*.md", "__pycache__"))
+    shutil.copytree(BUILTIN_DIR, plugins_dir, ignore=shutil.ignore_patterns("*.md", "__pycache__"))
     (tmp / "data").mkdir()
     (tmp / "data" / "models").symlink_to((models_data_dir / "models").resolve())
     with NatsServer(tmp / "js") as nats:

@@ -1,4 +1,4 @@
-"""The plugins service on its own nats-server: the real plugins of plugins/ against a small CRM HTTP
+"""The plugins service on its own nats-server: the real built-in plugins against a small CRM HTTP
 server started here, hot reload, and the policy a model cannot get past."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from kefu.plugins.app import PluginsService, PluginsSettings, arguments_sha256
+from kefu.plugins.app import BUILTIN_DIR, PluginsService, PluginsSettings, arguments_sha256
 from kefu.proto.bus.v1 import events_pb2, plugin_pb2
 from kefu.shared.bus import Bus
 from kefu.shared.errors import KefuError
@@ -24,7 +24,6 @@ from kefu.shared.streams import conv_subject
 
 pytestmark = pytest.mark.integration
 
-REPO_PLUGINS = Path(__file__).parents[3] / "plugins"
 
 
 class Crm:
@@ -67,9 +66,9 @@ async def crm():
 
 @pytest.fixture
 async def plugins(tmp_path: Path, crm: Crm):
-    """The plugins service over a copy of plugins/, allowed to reach the test CRM on loopback only."""
+    """The plugins service over a copy of the built-in plugins, allowed to reach the test CRM on loopback only."""
     directory = tmp_path / "plugins"
-    shutil.copytree(REPO_PLUGINS, directory, ignore=shutil.ignore_patterns("*.md", "__pycache__"))
+    shutil.copytree(BUILTIN_DIR, directory, ignore=shutil.ignore_patterns("*.md", "__pycache__"))
     with NatsServer(tmp_path / "js") as nats:
         port = crm.url.rsplit(":", 1)[1]
         service = PluginsService(PluginsSettings(nats_url=nats.url, data_dir=tmp_path, log_level="warning",
@@ -290,3 +289,54 @@ async def test_the_enhancer_tags_sentiment_and_urgency_and_asks_for_a_person_whe
     assert set(angry.tags) == {"sentiment:negative", "urgency:high"} and angry.handoff_reason == "urgent_negative"
     happy = await hook("Thanks, that was helpful", lang="en")
     assert list(happy.tags) == ["sentiment:positive"]
+
+
+async def test_the_first_start_fills_the_data_dir_with_the_built_in_plugins(tmp_path):
+    with NatsServer(tmp_path / "js") as nats:
+        service = PluginsService(PluginsSettings(nats_url=nats.url, data_dir=tmp_path / "data", log_level="warning"))
+        stop = asyncio.Event()
+        task = await start_in_background(service, stop)
+        try:
+            assert sorted(p.name for p in (tmp_path / "data" / "plugins").glob("*.py")) == [
+                "ai_enhancer.py", "crm_adapter.py", "payment.py"]
+            assert set(service.plugins) == {"ai_enhancer", "crm_adapter", "payment"}
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+
+
+async def test_reloads_under_load_fail_no_call(plugins):
+    service, bus, directory = plugins
+    source = textwrap.dedent('''
+        MANIFEST = {"name": "echo", "version": "VERSION", "enabled_by_default": True,
+                    "tools": [{"name": "echo", "side_effecting": False, "rate_per_minute": 100000,
+                               "arguments": {"type": "object", "properties": {"n": {"type": "integer"}}}}]}
+
+        async def echo(ctx, n):
+            return {"n": n, "version": "VERSION"}
+    ''')
+    (directory / "echo.py").write_text(source.replace("VERSION", "0"))
+    await service.reload()
+    failures, versions, done = [], set(), asyncio.Event()
+
+    async def traffic() -> None:
+        n = 0
+        while not done.is_set():
+            n += 1
+            try:
+                result, _ = await call(bus, "echo.echo", {"n": n})
+                assert result["n"] == n
+                versions.add(result["version"])
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                failures.append(repr(exc))
+            await asyncio.sleep(0.005)
+
+    runners = [asyncio.create_task(traffic()) for _ in range(4)]
+    for v in range(1, 21):
+        (directory / "echo.py").write_text(source.replace("VERSION", str(v)))
+        await bus.request("kefu.plugins.reload", plugin_pb2.ReloadRequest(), plugin_pb2.ListPluginsReply)
+        await asyncio.sleep(0.02)
+    done.set()
+    await asyncio.gather(*runners)
+    assert failures == []
+    assert "20" in versions and len(versions) > 5

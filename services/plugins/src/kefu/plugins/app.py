@@ -6,6 +6,9 @@
   call in stream CONV, which this service reads itself: what the dialogue service (or a model) claims
   is not enough, the conversation log must show the visitor's (or an agent's) yes.
 - Hot reload on SIGHUP or ``kefu.plugins.reload``: see :class:`kefu.plugins.registry.Registry`.
+
+The plugins directory is ``KEFU_PLUGINS_DIR``, else ``<data-dir>/plugins``, which the first start fills
+with the built-in plugins (crm_adapter, payment, ai_enhancer) for the operator to edit and reload.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import signal
 import time
 from contextlib import AsyncExitStack, suppress
@@ -57,7 +61,11 @@ CONFIRMATION_MAX_AGE_S = 15 * 60
 HOOK_TIMEOUT_S = 2.0
 
 
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
 class PluginsSettings(KefuSettings):
+    # Where plugin modules live; unset: <data-dir>/plugins, filled with the built-in plugins on first start.
     plugins_dir: Path | None = None
     # Upper bound of any tool's own timeout.
     tool_timeout: float = Field(default=10.0, gt=0)
@@ -87,7 +95,8 @@ class PluginsService(Service):
         s = self.settings
         self.http = OutboundHTTP(OutboundPolicy(_split(s.plugins_allowed_hosts), _split(s.plugins_allowed_networks)),
                                  timeout_s=s.plugins_outbound_timeout)
-        self.registry = Registry(s.plugins_dir, lambda p: PluginContext(p.name, "", "", {}, self.http))
+        self.directory = s.plugins_dir or s.data_dir / "plugins"
+        self.registry = Registry(self.directory, lambda p: PluginContext(p.name, "", "", {}, self.http))
         self._limits: dict[tuple[str, str], RateLimiter] = {}
         self._bus: Bus | None = None
 
@@ -97,6 +106,9 @@ class PluginsService(Service):
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         self._bus = bus
+        if self.settings.plugins_dir is None and not self.directory.exists():
+            shutil.copytree(BUILTIN_DIR, self.directory, ignore=shutil.ignore_patterns("__pycache__"))
+            self.log.info("built-in plugins copied", directory=str(self.directory))
         stack.push_async_callback(self.http.close)
         await ensure_stream(bus.js, conv_stream())
         self.config_kv: KeyValue = await ensure_kv(bus.js, KeyValueConfig(bucket=KV_PLUGIN_CONFIG, history=1,
