@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import uuid
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -44,8 +46,9 @@ class Crm:
 
 @pytest.fixture(scope="module")
 async def world(tmp_path_factory, models_data_dir):
-    """nats-server, retrieval, dialogue (generation off: tool turns need no model) and plugins."""
+    """nats-server, gateway, retrieval, dialogue (generation off: tool turns need no model) and plugins."""
     from kefu.dialogue.app import DialogueService, DialogueSettings
+    from kefu.gateway.app import GatewayService, GatewaySettings
     from kefu.plugins.app import PluginsService, PluginsSettings
     from kefu.retrieval.app import RetrievalService, RetrievalSettings
 
@@ -68,7 +71,9 @@ async def world(tmp_path_factory, models_data_dir):
                     DialogueService(DialogueSettings(**common, llm_enabled=False)),
                     PluginsService(PluginsSettings(**common, plugins_dir=plugins_dir,
                                                    plugins_allowed_hosts=f"127.0.0.1:{port}",
-                                                   plugins_allowed_networks="127.0.0.1/32"))]
+                                                   plugins_allowed_networks="127.0.0.1/32")),
+                    GatewayService(GatewaySettings(**common, http_port=0, grpc_port=0))]
+        os.environ.setdefault("KEFU_ADMIN_TOKEN", "test-admin-token-0123456789abcdef")
         stop = asyncio.Event()
         tasks = [await start_in_background(s, stop) for s in services]
         bus = await Bus.connect([nats.url], "test")
@@ -76,6 +81,8 @@ async def world(tmp_path_factory, models_data_dir):
             await bus.request("kefu.plugins.configure", plugin_pb2.ConfigurePluginRequest(
                 tenant=TENANT, plugin=plugin, enabled=True, settings_json=json.dumps({"base_url": crm.url})),
                 plugin_pb2.ConfigurePluginReply)
+        crm.http = f"http://127.0.0.1:{services[-1].http_port}"
+        crm.plugins_dir = plugins_dir
         try:
             yield bus, crm
         finally:
@@ -271,3 +278,46 @@ async def test_no_injected_instruction_gets_a_refund_made(world):
     await asyncio.gather(*(run(n, m) for n, m in cases))
     assert leaks == []
     assert len(crm.refunds) == before
+
+
+async def test_an_admin_configures_plugins_and_reloads_an_edited_one_over_http(world):
+    bus, crm = world
+    admin = {"Authorization": f"Bearer {os.environ['KEFU_ADMIN_TOKEN']}"}
+    async with aiohttp.ClientSession(crm.http, headers=admin) as s:
+        async with s.put(f"/v1/tenants/{TENANT}/plugins/payment",
+                         json={"enabled": True, "settings": {"base_url": crm.url, "api_key": "sk-live-123"}}) as r:
+            body = await r.json()
+            assert r.status == 200 and body["enabled"] and body["settings"] == {"base_url": crm.url, "api_key": "***"}
+        async with s.get(f"/v1/tenants/{TENANT}/plugins") as r:
+            listed = {p["name"]: p for p in (await r.json())["plugins"]}
+            assert listed["payment"]["enabled"] and listed["payment"]["settings"]["api_key"] == "***"
+            assert listed["payment"]["tools"][0]["side_effecting"]
+        async with s.put(f"/v1/tenants/{TENANT}/plugins/payment", json={"enabled": True,
+                                                                          "settings": {"base_url": "ftp://x"}}) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_field"
+        async with s.put(f"/v1/tenants/{TENANT}/plugins/nope", json={"enabled": True}) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_plugin"
+        async with s.post(f"/v1/tenants/{TENANT}/conversations", json={}) as r:
+            started = await r.json()
+        visitor = {"Authorization": f"Bearer {started['visitor_token']}"}
+        async with aiohttp.ClientSession(crm.http, headers=visitor) as v:
+            async with v.post(f"/v1/conversations/{started['conversation_id']}/messages",
+                              json={"text": f"查一下订单 {ORDER}"}) as r:
+                reply = (await r.json())["reply"]
+                assert reply["source"] == "plugin" and "已发货" in reply["text"]
+            # A visitor's token configures nothing.
+            async with v.put(f"/v1/tenants/{TENANT}/plugins/payment", json={"enabled": False}) as r:
+                assert r.status in (401, 403)
+        # Edit payment.py, reload: the next call runs the new version.
+        path = crm.plugins_dir / "payment.py"
+        path.write_text(path.read_text().replace('"version": "1.0.0"', '"version": "1.1.0"')
+                        .replace("我们会尽快处理。", "预计 3 个工作日内到账。"))
+        async with s.post("/v1/plugins/reload") as r:
+            (replica,) = (await r.json())["replicas"]
+            assert r.status == 200 and replica["plugins"]["payment"] == "1.1.0" and not replica["errors"]
+    v = await Visitor.start(bus)
+    await v.say(f"订单 {ORDER} 我要退款")
+    done = await v.say("确认")
+    assert "预计 3 个工作日内到账" in done.text
+    result = parts(await v.state(), "result")[-1]
+    assert result.plugin_version == "1.1.0"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import nats.js.errors
 
 from kefu.gateway.router import OutRouter
-from kefu.proto.bus.v1 import common_pb2, retrieval_pb2, turn_pb2
+from kefu.proto.bus.v1 import common_pb2, plugin_pb2, retrieval_pb2, turn_pb2
 from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
 from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, NotFound, PayloadTooLarge, Unavailable
 from kefu.shared.service import health_subject
@@ -234,6 +234,39 @@ class Core:
                 final = item.reply
         assert final is not None
         return final
+
+    # Plugins
+
+    async def plugins(self, tenant: str) -> plugin_pb2.ListPluginsReply:
+        """Every loaded plugin, with whether it is enabled for ``tenant`` and its settings there."""
+        return await self.bus.request("kefu.plugins.list", plugin_pb2.ListPluginsRequest(
+            tenant=self.tenant(tenant), all=True), plugin_pb2.ListPluginsReply)
+
+    async def configure_plugin(self, tenant: str, plugin: str, enabled: bool,
+                               settings_json: str) -> plugin_pb2.ConfigurePluginReply:
+        return await self.bus.request("kefu.plugins.configure", plugin_pb2.ConfigurePluginRequest(
+            tenant=self.tenant(tenant), plugin=subject_token(plugin), enabled=enabled, settings_json=settings_json),
+            plugin_pb2.ConfigurePluginReply)
+
+    async def reload_plugins(self, wait: float = 3.0) -> list[plugin_pb2.ListPluginsReply]:
+        """Reload the plugins on every plugins replica; what each one now serves (and what failed)."""
+        replies: list[plugin_pb2.ListPluginsReply] = []
+        async with self.bus.inbox() as (inbox, sub):
+            await self.bus.nc.publish("kefu.plugins.reload", plugin_pb2.ReloadRequest().SerializeToString(),
+                                      reply=inbox)
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=min(left, 0.5 if replies else left))
+                except TimeoutError:
+                    if replies:
+                        break  # the replicas that were going to answer have answered
+                    continue
+                with contextlib.suppress(KefuError):
+                    replies.append(decode(plugin_pb2.ListPluginsReply, msg.data))
+        if not replies:
+            raise Unavailable("no plugins service answered", code="service_unavailable")
+        return replies
 
     # Readiness
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from kefu.gateway.ratelimit import RateLimits, client_address
 from kefu.gateway.sockets import Sockets
 from kefu.gateway.ui import Ui
 from kefu.gateway.wire import JSON_LIMIT, field, json_response, parse_json_object, reply_json, state_json
+from kefu.proto.bus.v1 import plugin_pb2
 from kefu.shared.bus import subject_token
 from kefu.shared.errors import (
     BadRequest,
@@ -152,6 +154,9 @@ class HttpApi:
             web.get("/v1/tenants/{tenant}/agents", self.list_agents),
             web.delete("/v1/tenants/{tenant}/agents/{agent_id}", self.delete_agent),
             web.get("/v1/agent/ws", self.sockets.agent_ws),
+            web.get("/v1/tenants/{tenant}/plugins", self.list_plugins),
+            web.put("/v1/tenants/{tenant}/plugins/{plugin}", self.put_plugin),
+            web.post("/v1/plugins/reload", self.reload_plugins),
         ])
         self.ui.add_routes(app)  # the widget, its demo page and the agent console
         return app
@@ -363,6 +368,37 @@ class HttpApi:
         log.info("agent account removed", tenant=tenant, agent_id=agent_id)
         return json_response({"tenant": tenant, "agent_id": agent_id, "deleted": True})
 
+    async def list_plugins(self, request: web.Request) -> web.Response:
+        tenant = self.core.tenant(request.match_info["tenant"])
+        await self._require_manager(request, tenant)
+        found = await self.core.plugins(tenant)
+        return json_response({"plugins": [plugin_json(p) for p in found.plugins],
+                              "errors": [{"path": e.path, "error": e.error, "serving_version": e.serving_version}
+                                         for e in found.errors]})
+
+    async def put_plugin(self, request: web.Request) -> web.Response:
+        """Enable or disable a plugin for a tenant, with its settings (e.g. the CRM's base_url)."""
+        tenant = self.core.tenant(request.match_info["tenant"])
+        await self._require_manager(request, tenant)
+        body = await read_json(request)
+        enabled = field(body, "enabled", kind=bool)
+        settings = field(body, "settings", required=False, kind=dict, default={})
+        done = await self.core.configure_plugin(tenant, request.match_info["plugin"], enabled,
+                                                json.dumps(settings, ensure_ascii=False))
+        log.info("plugin configured", tenant=tenant, plugin=done.plugin, enabled=done.enabled)
+        return json_response({"tenant": done.tenant, "plugin": done.plugin, "enabled": done.enabled,
+                              "settings": _masked(done.settings_json)})
+
+    async def reload_plugins(self, request: web.Request) -> web.Response:
+        """Reload the plugins directory on every plugins replica (what SIGHUP does), and say what each serves."""
+        self.auth.require_admin(self._token(request))
+        replies = await self.core.reload_plugins()
+        return json_response({"replicas": [
+            {"instance": r.instance, "generation": r.generation,
+             "plugins": {p.name: p.version for p in r.plugins},
+             "errors": [{"path": e.path, "error": e.error, "serving_version": e.serving_version} for e in r.errors]}
+            for r in replies]})
+
     async def agent_login(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         tenant = self.core.tenant(field(body, "tenant"))
@@ -372,6 +408,25 @@ class HttpApi:
         token, account = await self.agents.login(tenant, agent_id, password)
         return json_response({"agent_token": token, **account_json(account),
                               "expires_in": int(self.agent_token_ttl)})
+
+
+def _masked(settings_json: str) -> dict[str, Any]:
+    """A plugin's settings as shown back: secrets (keys, tokens, passwords) replaced by "***"."""
+    try:
+        settings = json.loads(settings_json or "{}")
+    except ValueError:
+        return {}
+    return {k: "***" if _SECRET.search(k) and v else v for k, v in settings.items()} if isinstance(settings, dict) else {}
+
+
+_SECRET = re.compile(r"key|token|secret|password|credential", re.I)
+
+
+def plugin_json(p: plugin_pb2.PluginInfo) -> dict[str, Any]:
+    return {"name": p.name, "version": p.version, "description": p.description, "enabled": p.enabled,
+            "settings": _masked(p.settings_json), "hooks": list(p.hooks),
+            "tools": [{"name": t.name, "description": t.description, "side_effecting": t.side_effecting,
+                       "confirmation": t.confirmation} for t in p.tools]}
 
 
 def _role(body: dict[str, Any]) -> str:

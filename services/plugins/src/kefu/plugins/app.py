@@ -145,15 +145,17 @@ class PluginsService(Service):
 
     # Listing and configuration
 
-    def _listing(self, snap: Snapshot, tenant: str | None, configs: dict[str, plugin_pb2.PluginConfig]
-                 ) -> plugin_pb2.ListPluginsReply:
+    def _listing(self, snap: Snapshot, tenant: str | None, configs: dict[str, plugin_pb2.PluginConfig],
+                 everything: bool = False) -> plugin_pb2.ListPluginsReply:
         reply = plugin_pb2.ListPluginsReply(generation=snap.generation, instance=self.settings.instance)
         for p in snap.plugins.values():
             enabled = self._enabled(p, configs.get(p.name))
-            if tenant is not None and not enabled:
+            if tenant is not None and not enabled and not everything:
                 continue
             info = reply.plugins.add(name=p.name, version=p.version, description=p.description,
                                      hooks=sorted(p.hooks), enabled=enabled)
+            if tenant is not None and everything and p.name in configs:
+                info.settings_json = configs[p.name].settings_json
             for t in p.tools.values():
                 info.tools.add(name=t.name, description=t.description, arguments_schema=json.dumps(t.arguments),
                                side_effecting=t.side_effecting, confirmation=t.confirmation, timeout_s=t.timeout_s,
@@ -185,7 +187,7 @@ class PluginsService(Service):
         if not req.tenant:
             return self._listing(snap, None, {})
         subject_token(req.tenant)
-        return self._listing(snap, req.tenant, await self._configs(req.tenant, snap))
+        return self._listing(snap, req.tenant, await self._configs(req.tenant, snap), req.all)
 
     async def _configure(self, req: plugin_pb2.ConfigurePluginRequest, _: Msg) -> plugin_pb2.ConfigurePluginReply:
         subject_token(req.tenant)

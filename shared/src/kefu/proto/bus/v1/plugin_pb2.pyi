@@ -28,15 +28,19 @@ class ListPluginsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    all: _builtins.bool
+    """With a tenant: list the disabled plugins too (with enabled = false and their settings)."""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
+        all: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -158,11 +162,13 @@ class PluginInfo(_message.Message):
     HOOKS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    SETTINGS_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     description: _builtins.str
     enabled: _builtins.bool
-    """For a tenant's listing: whether the plugin is enabled for it."""
+    """For a tenant's listing: whether the plugin is enabled for it, and its settings (JSON) when listed with all."""
+    settings_json: _builtins.str
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolInfo]: ...
     @_builtins.property
@@ -181,10 +187,11 @@ class PluginInfo(_message.Message):
         hooks: _abc.Iterable[_builtins.str] | None = ...,
         description: _builtins.str = ...,
         enabled: _builtins.bool = ...,
+        settings_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enabled", b"enabled", "hooks", b"hooks", "intents", b"intents", "name", b"name", "tools", b"tools", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enabled", b"enabled", "hooks", b"hooks", "intents", b"intents", "name", b"name", "settings_json", b"settings_json", "tools", b"tools", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
