@@ -8,6 +8,7 @@
     kefu replay CONVERSATION_ID [--at-seq N]
     kefu agents add --tenant T AGENT_ID [--role admin] [--name N] [--password-stdin]
     kefu agents list --tenant T | kefu agents remove --tenant T AGENT_ID
+    kefu plugins list --tenant T | reload | enable NAME --tenant T [--set KEY=VALUE] | disable NAME --tenant T
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from kefu.cli import agents, client
+from kefu.cli import agents, client, plugins
 
 ALL_SERVICES = ("gateway", "dialogue", "retrieval", "inference", "plugins")
 
@@ -90,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--at-seq", type=int, default=None, help="the state right after event N")
     _client_args(replay)
     agents.add_parser(sub, _client_args)
+    plugins.add_parser(sub, _client_args)
     return ap
 
 
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return kb_search(client.Client.for_args(args), args)
     if args.command == "agents":
         return agents.run(client.Client.for_args(args), args)
+    if args.command == "plugins":
+        return plugins.run(client.Client.for_args(args), args)
     if args.command == "replay":
         c = client.Client.for_args(args)
         path = f"/v1/conversations/{args.conversation_id}"

@@ -125,6 +125,8 @@ async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP reloads what can be reloaded: the plugins service's plugin modules.
+    loop.add_signal_handler(signal.SIGHUP, _forward_hup, children)
     for c in children:
         c.start()
     say(f"starting {', '.join(c.name for c in children)} (logs in {children[0].log_path.parent})")
@@ -163,6 +165,13 @@ async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str,
         return 0
     finally:
         await bus.close()
+
+
+def _forward_hup(children: list[Child]) -> None:
+    for c in children:
+        if c.name == "plugins" and c.proc is not None and c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGHUP)
+            say("plugins: reloading (SIGHUP)")
 
 
 async def _healthy(bus: Bus, name: str) -> bool:
