@@ -24,7 +24,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SHOTS = Path(__file__).parent / "screenshots"
-WAIT_MS = 45_000  # the first answers load the model and the OCR on this shared 2-core machine
+WAIT_MS = 90_000  # only a failing test waits this long: the first answers warm the model and the OCR on 2 cores
 
 PRICE_EN = "The L2 desk lamp costs 129 yuan and has three brightness levels."
 WARRANTY_EN = "The L2 desk lamp has a two-year warranty; the bulb is covered for one year."
@@ -89,18 +89,19 @@ async def gateway(stack, shop) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
+async def browser(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium", pytrace=False)
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nbrowser test screenshots: {SHOTS}")
     async with async_playwright() as p:
         b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         await b.close()
-    print(f"\nscreenshots: {SHOTS}")
 
 
 async def admin(stack, method: str, path: str, body: dict | None = None) -> Any:
