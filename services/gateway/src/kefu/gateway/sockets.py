@@ -70,8 +70,6 @@ class Sockets:
         async def on_revoked(reason: str) -> None:
             await ws.close(code=CLOSE_REVOKED, message=reason.encode()[:120])
 
-        forget = self.agents.watch(grant, on_revoked)
-
         async def check_tenant(cid: str) -> None:
             if not grant.tenant:
                 return
@@ -108,6 +106,7 @@ class Sockets:
 
         handoff_sub = await self.core.bus.nc.subscribe(
             handoff_subject(grant.tenant) if grant.tenant else handoff_subject("*"), cb=on_handoff)
+        forget = self.agents.watch(grant, on_revoked)
         try:
             waiting = [notice_json(n) for n in await self.core.waiting() if grant.sees(n.tenant)]
             await send({"type": "queue", "agent_id": agent, "tenant": grant.tenant, "role": grant.role,
