@@ -288,6 +288,11 @@ async def test_visitor_asks_for_a_human_and_sees_the_agents_reply_live(stack, ga
     state = await admin(stack, "GET", f"/v1/conversations/{await cid_of(visitor)}")
     assert state["mode"] == "bot"
     assert [t["text"] for t in state["turns"] if t["role"] == "agent"] == [f"Hi, this is Alice. {suggested}"]
+
+    # The admin removes the account: the console is signed out at once, not left reconnecting.
+    await admin(stack, "DELETE", f"/v1/tenants/{tenant}/agents/alice")
+    await agent.locator("#login-form").wait_for(timeout=WAIT_MS)
+    assert "sign in again" in await agent.locator("#login-error").inner_text()
     assert errors == []
     await agent_ctx.close()
     await visitor_ctx.close()

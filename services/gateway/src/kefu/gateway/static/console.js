@@ -351,11 +351,15 @@
       try { f = JSON.parse(ev.data); } catch (_) { return; }
       onFrame(f);
     };
-    sock.onclose = () => {
+    sock.onclose = (ev) => {
       if (ws !== sock) return;
       ws = null;
       wsOpen = false;
       retries += 1;
+      if (ev.code === 4401) { // the account was removed or its tokens revoked: signing in again is the way back
+        logout(t("expired"));
+        return;
+      }
       // What was asked and not answered is lost with the socket; the queue comes again on reconnect.
       for (const a of actions.splice(0)) if (a.turn) { a.turn.pending = false; a.turn.failed = true; }
       for (const c of convs.values()) c.loaded = false;
