@@ -321,3 +321,33 @@ async def test_an_admin_configures_plugins_and_reloads_an_edited_one_over_http(w
     assert "预计 3 个工作日内到账" in done.text
     result = parts(await v.state(), "result")[-1]
     assert result.plugin_version == "1.1.0"
+
+
+async def test_reply_hooks_tag_the_conversation_and_can_hand_it_over(world):
+    bus, crm = world
+    path = crm.plugins_dir / "compliance.py"
+    path.write_text(
+        'MANIFEST = {"name": "compliance", "version": "1", "enabled_by_default": True,\n'
+        '            "hooks": ["before_reply", "after_reply"]}\n\n'
+        'async def before_reply(ctx, text, reply_text, slots):\n'
+        '    if "lawyer" in text:\n'
+        '        return {"tags": ["topic:legal"], "handoff": "legal"}\n'
+        '    return {"tags": ["checked:" + str(len(reply_text) > 0).lower()]}\n\n'
+        'async def after_reply(ctx, text, reply_text, slots):\n'
+        '    return {"tags": ["audited:yes"]}\n')
+    try:
+        await bus.request("kefu.plugins.reload", plugin_pb2.ReloadRequest(), plugin_pb2.ListPluginsReply)
+        v = await Visitor.start(bus)
+        await v.say(f"查一下订单 {ORDER}")
+        for _ in range(50):  # after_reply runs once the reply is out
+            state = await v.state()
+            if "audited:yes" in state.tags:
+                break
+            await asyncio.sleep(0.05)
+        assert {"checked:true", "audited:yes"} <= set(state.tags) and state.mode == "bot"
+        reply = await v.say("Where is my order 20261124002? My lawyer asks.")
+        state = await v.state()
+        assert reply.source == "plugin" and "topic:legal" in state.tags and state.mode == "human"
+    finally:
+        path.unlink()
+        await bus.request("kefu.plugins.reload", plugin_pb2.ReloadRequest(), plugin_pb2.ListPluginsReply)

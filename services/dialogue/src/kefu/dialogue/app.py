@@ -137,6 +137,7 @@ class DialogueService(Service):
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.handoffs: KeyValue | None = None
         self.plugins: Plugins | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         await asyncio.to_thread(textutil.warm_up)
@@ -339,12 +340,54 @@ class DialogueService(Service):
                     tenant=state.tenant, mode=state.mode, text=text, query=query, kb_min_seq=req.kb_min_seq,
                     emit=emit, failures=failures(state),
                     context=conversation_note(state, seq) if self.settings.llm_enabled else "", turn_id=req.turn_id)
+            if state.mode == "bot" and not answer.handoff:
+                state, answer = await self._reply_hook("before_reply", state, text, answer)
             reply_seq = await self._append_reply(state, seq, answer)
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
             conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq, reply_seq=reply_seq))
         self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
+        if state.mode == "bot" and not answer.handoff:
+            self._after_reply(state.tenant, cid, text, answer)
         return turn_pb2.TurnReply(seq=seq, reply=reply, reply_seq=reply_seq)
+
+    async def _reply_hook(self, hook: str, state: State, text: str, answer: Answer,
+                          cache: bool = False) -> tuple[State, Answer]:
+        """Run ``hook`` (before_reply, after_reply) of the tenant's plugins on the reply: their tags are
+        recorded, and a plugin that asks for a person hands the conversation over after this reply (the
+        reply itself may already be on the visitor's screen, streamed)."""
+        assert self.plugins is not None
+        results = await self.plugins.hook(hook, state.tenant, state.conversation_id, text, lang(text), state.slots,
+                                          reply_text=answer.text)
+        state = await self._tag(state, [t for r in results for t in r.tags], cache=cache)
+        if reason := next((r.handoff_reason for r in results if r.handoff_reason), ""):
+            answer = dataclasses.replace(answer, handoff=True, provenance=dataclasses.replace(
+                answer.provenance, decision=f"handoff:plugin:{reason}"))
+        return state, answer
+
+    def _after_reply(self, tenant: str, cid: str, text: str, answer: Answer) -> None:
+        """after_reply hooks run once the reply is out, off the visitor's time; their tags are recorded."""
+
+        async def run() -> None:
+            assert self.store is not None and self.plugins is not None
+            if "after_reply" not in (await self.plugins.offer(tenant)).hooks:
+                return
+            try:
+                async with self._lock(cid):
+                    state = await self.store.load(cid)
+                    # Nothing after these appends writes the cached state: they write it themselves.
+                    state, later = await self._reply_hook("after_reply", state, text, answer, cache=True)
+                    if later.handoff and state.mode != "human":
+                        reason = later.provenance.decision.removeprefix("handoff:")
+                        state = await self._append_body(state, ModeChanged("human", reason,
+                                                                           summary_for_agent(state, reason)), cache=True)
+                        await self._announce_handoff(state)
+            except KefuError as exc:
+                self.log.warning("after_reply hooks not applied", conversation_id=cid, code=exc.code)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # Plugins: hooks, and tools routed by their intents under the confirmation rule (kefu.dialogue.tools)
 
@@ -434,7 +477,7 @@ class DialogueService(Service):
         decision = f"tool_result:{name}" if ok else f"tool_failed:{name}:{result.error_code or 'no_message'}"
         return state, Answer(text, "plugin", provenance=Provenance(decision=decision))
 
-    async def _tag(self, state: State, tags: list[str]) -> State:
+    async def _tag(self, state: State, tags: list[str], cache: bool = False) -> State:
         """Add ``tags``; a tag ``kind:value`` replaces the conversation's other ``kind:`` tag."""
         for tag in dict.fromkeys(tags):
             if tag in state.tags:
@@ -442,16 +485,18 @@ class DialogueService(Service):
             kind, sep, _ = tag.partition(":")
             for old in state.tags:
                 if sep and old.startswith(kind + ":"):
-                    state = await self._append_body(state, TagRemoved(old, tuple(sorted(state.tag_adds[old]))))
-            state = await self._append_body(state, TagAdded(tag))
+                    state = await self._append_body(state, TagRemoved(old, tuple(sorted(state.tag_adds[old]))),
+                                                    cache=cache)
+            state = await self._append_body(state, TagAdded(tag), cache=cache)
         return state
 
-    async def _append_body(self, state: State, body: Body) -> State:
-        """Append ``body`` to the conversation (reloading and retrying when another writer came first)."""
+    async def _append_body(self, state: State, body: Body, cache: bool = False) -> State:
+        """Append ``body`` to the conversation (reloading and retrying when another writer came first);
+        the cached state is left to the turn's reply to write unless ``cache``."""
         assert self.store is not None
         for _ in range(APPEND_RETRIES):
             try:
-                state, _ev = await self.store.append(state, body, cache=False)
+                state, _ev = await self.store.append(state, body, cache=cache)
                 return state
             except Conflict:
                 state = await self.store.load(state.conversation_id, verify=True)

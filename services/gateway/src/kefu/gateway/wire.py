@@ -71,7 +71,36 @@ def state_json(s: turn_pb2.ConversationState, *, admin: bool = False) -> dict[st
             "turns": turns, "slots": dict(s.slots), "summary": s.summary, "tags": list(s.tags)}
     if admin and s.handoff_summary:
         body["handoff_summary"] = s.handoff_summary
+    if admin and s.tool_parts:
+        body["tool_calls"] = tool_calls_json(s)
     return body
+
+
+def tool_calls_json(s: turn_pb2.ConversationState) -> list[dict[str, Any]]:
+    """The plugin tool calls of a conversation, in the order they were proposed: what was asked with
+    which arguments, who confirmed it (a side-effecting tool), and what it returned."""
+    calls: dict[str, dict[str, Any]] = {}
+    for part in sorted(s.tool_parts, key=lambda p: p.seq):
+        which = part.WhichOneof("part")
+        if which is None:
+            continue
+        body = getattr(part, which)
+        call = calls.setdefault(body.call_id, {"call_id": body.call_id, "plugin": body.plugin, "tool": body.tool})
+        if which == "proposed":
+            call.update(seq=part.seq, arguments=_json_or_text(body.arguments_json), confirmation=body.confirmation)
+        elif which == "confirmed":
+            call.update(confirmed_by=body.by, confirmed_seq=part.seq, declined=body.declined)
+        else:
+            call.update(ok=body.ok, result=_json_or_text(body.result_json) if body.ok else None,
+                        error_code=body.error_code or None, plugin_version=body.plugin_version, result_seq=part.seq)
+    return list(calls.values())
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
 
 
 def suggestion_json(r: turn_pb2.Reply) -> dict[str, Any]:

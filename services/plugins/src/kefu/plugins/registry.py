@@ -42,7 +42,9 @@ from kefu.shared.logging import get_logger
 log = get_logger("kefu.plugins.registry")
 
 HOOKS = ("on_message", "before_reply", "after_reply")
-CONFIRMATIONS = ("none", "visitor", "agent")
+# Who may say yes to a side-effecting call: the visitor, in a turn of its own. (An agent's approval is
+# accepted by the plugins service's check, but dialogue does not ask agents for one yet.)
+CONFIRMATIONS = ("none", "visitor")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # A tool may ask for less, never for more.
 MAX_TOOL_TIMEOUT_S = 30.0

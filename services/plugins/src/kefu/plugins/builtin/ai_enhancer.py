@@ -1,5 +1,6 @@
-"""Sentiment and urgency of each visitor message, as conversation tags; an urgent, unhappy visitor is
-handed to a person. Rules only (Chinese and English), so it needs no model and adds no latency."""
+"""Sentiment and urgency of visitor messages, as conversation tags (sentiment:negative|positive, the
+latest replacing the earlier; urgency:high); an urgent, unhappy visitor is handed to a person. Rules
+only (Chinese and English), so it needs no model and adds no latency."""
 
 import re
 
@@ -24,7 +25,8 @@ async def on_message(ctx, text, reply_text="", slots=None):
     negative = bool(_NEGATIVE.search(text))
     positive = not negative and bool(_POSITIVE.search(text))
     urgent = bool(_URGENT.search(text))
-    tags = ["sentiment:" + ("negative" if negative else "positive" if positive else "neutral")]
+    # A neutral message adds nothing: the tag says how the visitor last felt, not how every line reads.
+    tags = ["sentiment:negative"] if negative else ["sentiment:positive"] if positive else []
     if urgent:
         tags.append("urgency:high")
     out = {"tags": tags}
