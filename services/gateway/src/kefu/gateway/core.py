@@ -141,7 +141,7 @@ class Core:
             if ev.turn_id == turn_id:
                 events.put_nowait(ev)
 
-        unlisten = self.router.listen(conversation_id, on_out)
+        self.router.listen(conversation_id, on_out)
         request = asyncio.create_task(self.bus.request(
             "kefu.dialogue.turn",
             turn_pb2.TurnRequest(conversation_id=conversation_id, text=text, client_msg_id=client_msg_id[:128],
@@ -184,7 +184,7 @@ class Core:
                 with contextlib.suppress(Exception):
                     await self.bus.publish(TURN_CANCEL, turn_pb2.TurnRequest(conversation_id=conversation_id,
                                                                              turn_id=turn_id))
-            unlisten()
+            self.router.unlisten(conversation_id, on_out)
 
     def _forget(self, task: asyncio.Task[turn_pb2.TurnReply]) -> None:
         self._left.discard(task)

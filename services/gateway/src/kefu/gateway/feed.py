@@ -21,6 +21,7 @@ from kefu.shared.errors import KefuError
 
 # More missed events than this: the client gets the state (resync) instead of a replay.
 MAX_REPLAY = 500
+_NONE: frozenset[int] = frozenset()  # shared: an empty frozenset is a new object each time
 
 
 @dataclass(slots=True)
@@ -49,7 +50,7 @@ class Feed:
     """
 
     # Thousands of these sit idle on a gateway: slots, and nothing allocated until it is needed.
-    __slots__ = ("_answered", "_held", "_own", "_remove", "_upto", "cid", "core", "sink")
+    __slots__ = ("_answered", "_held", "_listener", "_own", "_upto", "cid", "core", "sink")
 
     def __init__(self, core: Core, conversation_id: str, sink: Callable[[Frame], None]) -> None:
         self.core = core
@@ -60,11 +61,12 @@ class Feed:
         self._held: list[Frame] | None = None
         # After a resume: events up to this seq, and the replies to these visitor messages, were sent.
         self._upto = 0
-        self._answered: frozenset[int] = frozenset()
-        self._remove = core.router.listen(conversation_id, self._on_out)
+        self._answered = _NONE
+        self._listener = self._on_out  # the one bound method, so that close() removes what listen() added
+        core.router.listen(conversation_id, self._listener)
 
     def close(self) -> None:
-        self._remove()
+        self.core.router.unlisten(self.cid, self._listener)
 
     def _on_out(self, ev: turn_pb2.OutEvent) -> None:
         if self._own and ev.turn_id in self._own:

@@ -57,19 +57,17 @@ class OutRouter:
             except Exception:
                 log.exception("out event listener failed")
 
-    def listen(self, conversation_id: str, listener: Listener) -> Callable[[], None]:
-        """Call ``listener`` with every event published for ``conversation_id``; returns the undo."""
+    def listen(self, conversation_id: str, listener: Listener) -> None:
+        """Call ``listener`` with every event published for ``conversation_id`` until :meth:`unlisten`."""
         self._listeners.setdefault(conversation_id, []).append(listener)
 
-        def remove() -> None:
-            found = self._listeners.get(conversation_id)
-            if found is not None:
-                with contextlib.suppress(ValueError):
-                    found.remove(listener)
-                if not found:
-                    del self._listeners[conversation_id]
-
-        return remove
+    def unlisten(self, conversation_id: str, listener: Listener) -> None:
+        found = self._listeners.get(conversation_id)
+        if found is not None:
+            with contextlib.suppress(ValueError):
+                found.remove(listener)
+            if not found:
+                del self._listeners[conversation_id]
 
     def __len__(self) -> int:
         return len(self._listeners)

@@ -172,15 +172,8 @@ class Sockets:
         out = Outbox(ws)
         # Listening starts before any state is read, so nothing published meanwhile is missed.
         feed = Feed(self.core, cid, out.frame)
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def handle(text: str, cmid: str) -> None:
-            try:
-                self.limits.message(address, cid, grant.tenant)
-                await feed.turn(text, cmid)
-            except KefuError as exc:
-                out.error(exc)
-
+        # Idle sockets are most of them: nothing is allocated for turns until the first message.
+        tasks: set[asyncio.Task[None]] | None = None
         try:
             if last_seq is not None:
                 await feed.resume(last_seq)
@@ -203,7 +196,8 @@ class Sockets:
                 except KefuError as exc:
                     out.error(exc)
                     continue
-                task = asyncio.create_task(handle(text, cmid))
+                task = asyncio.create_task(self._visitor_turn(feed, out, address, grant.tenant, text, cmid))
+                tasks = tasks or set()
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -211,9 +205,16 @@ class Sockets:
             # The visitor left: in-flight turns stop (and tell dialogue to stop the model's work), but only
             # after their first step, so a message received just before the close still goes out.
             loop = asyncio.get_running_loop()
-            for task in tasks:
+            for task in tasks or ():
                 loop.call_soon(task.cancel)
         return ws
+
+    async def _visitor_turn(self, feed: Feed, out: Outbox, address: str, tenant: str, text: str, cmid: str) -> None:
+        try:
+            self.limits.message(address, feed.cid, tenant)
+            await feed.turn(text, cmid)
+        except KefuError as exc:
+            out.error(exc)
 
 
 def _seq(value: str | int) -> int:
