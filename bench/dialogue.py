@@ -65,7 +65,10 @@ async def run(data_dir: Path, llm: bool = True) -> dict:
                     t0 = time.perf_counter()
                     async with s.post(f"{base}/v1/conversations/{started['conversation_id']}/messages", headers=h,
                                       json={"text": turn["user"]}) as r:
-                        reply = (await r.json())["reply"]
+                        body = await r.json()
+                    # An error answer is a miss (with its error), not the end of the benchmark.
+                    reply = body.get("reply") or {"text": f"error {r.status}: {body.get('error')}", "source": "error",
+                                                  "citations": []}
                     # What produced the reply (admins see it): the rewritten query and the documents found.
                     async with s.get(f"{base}/v1/conversations/{started['conversation_id']}",
                                      headers={"Authorization": f"Bearer {admin}"}) as r:

@@ -176,3 +176,70 @@ def test_a_product_ruled_out_is_another_product_not_a_code_asked_about():
     ev = best_evidence("I meant the X100 Pro, not the X200. What would that be per month over 6 months?", [plans],
                        focus="I meant the X100 Pro, not the X200. What would that be per month over 6 months?")
     assert "716.50" in ev.sentence
+
+
+def test_a_step_number_is_not_the_number_a_question_asks_for():
+    mesh = Passage("mesh", "AX3000-R 固件升级与 Mesh", "4. 组网成功后再把副路由移到需要覆盖的房间或楼层。\n"
+                   "一个 Mesh 网络最多支持 4 台 AX3000-R。", heading="Mesh 组网")
+    ev = best_evidence("AX3000-R 组 Mesh 最多能连几台？", [mesh])
+    assert ev.sentence == "一个 Mesh 网络最多支持 4 台 AX3000-R。" and ev.required == {"4"}
+    step = best_evidence("AX3000-R 组网成功后副路由放哪", [mesh])
+    assert step.sentence.startswith("组网成功后") and step.required == frozenset()  # "4." only numbers the step
+
+
+def test_a_count_question_wants_a_number_in_its_unit_in_either_language():
+    watch = Passage("w3", "W3 智能手表", "充电：磁吸充电，约 60 分钟充满。\n续航：典型使用 14 天，重度使用 7 天。")
+    assert best_evidence("W3 How many days does its battery last?", [watch]).sentence.startswith("续航")
+    stand = Passage("ch", "Chargers", "50 W stand: charges the X100 Pro at 15 W.\nThe X100 Pro stand costs 249 yuan.")
+    assert "15 W" in best_evidence("X100 Pro 无线充最高多少瓦？", [stand]).sentence
+
+
+def test_a_question_for_a_phone_number_or_an_email_is_answered_with_one():
+    contact = Passage("cs", "Contacting Customer Service",
+                      "Phone hotline: 400-820-6688, every day from 9:00 to 21:00.\n"
+                      "The hotline runs shorter hours during the Spring Festival.\nEmail: service@kefu-home.cn.")
+    assert "400-820-6688" in best_evidence("你们客服热线电话是多少？", [contact]).sentence
+    assert "service@kefu-home.cn" in best_evidence("What's the email for customer service?", [contact]).sentence
+
+
+def test_the_page_about_the_city_asked_about_answers_for_its_store():
+    holiday = Passage("holiday", "Spring Festival Schedule", "All stores close on 16 February and open 12:00-20:00 "
+                      "from 18 to 22 February.", score=1.0)
+    shenzhen = Passage("sz", "深圳华强北店", "每天 10:00–22:00，春节期间营业时间另行通知。", score=0.9, heading="营业时间")
+    shanghai = Passage("sh", "上海徐汇店", "每天 10:00–21:00。", score=0.9, heading="营业时间")
+    ev = best_evidence("你们深圳门店晚上几点关门？", [holiday, shanghai, shenzhen])
+    assert ev.doc_id == "sz" and "22:00" in ev.sentence
+    assert best_evidence("What time does the Shanghai store close?", [shanghai, holiday, shenzhen]).doc_id == "sh"
+
+
+def test_a_policy_that_names_the_product_asked_about_says_how_it_applies_to_it():
+    student = Passage("student", "Student Discount",
+                      "Students get 5% off the X100 and X200 phones and the EB-20 earbuds.\n"
+                      "- The student discount cannot be combined with coupons.\n"
+                      "- Not valid for clearance items such as the SM-G9910, or for pre-order deposits.")
+    ev = best_evidence("SM-G9910 I'm a uni student - can I use the student discount on it?", [student],
+                       focus="I'm a uni student - can I use the student discount on it?")
+    assert "Not valid for clearance items" in ev.sentence
+    # The product named in passing does not outweigh what the question asks about.
+    trade = Passage("trade", "家电以旧换新", "- 旧空气净化器换购 AP-60：立减 150 元")
+    ap60 = Passage("ap60", "AP-60 空气净化器", "- 适用面积：42–72㎡")
+    assert best_evidence("我还想买个空气净化器，AP-60 适合多大的房间？", [trade, ap60]).doc_id == "ap60"
+
+
+def test_a_list_item_is_shown_whole_and_what_cannot_be_done_comes_with_what_can():
+    lamp = Passage("lamps", "Desk Lamp Troubleshooting", "- L2: use the included 5 V / 2 A USB-C adapter. Laptop USB "
+                   "ports cannot supply steady power, which causes flickering.", heading="The lamp flickers")
+    ev = best_evidence("L2 这盏灯插在电脑上老是闪，怎么回事？", [lamp])
+    assert ev.sentence == ("L2: use the included 5 V / 2 A USB-C adapter. Laptop USB ports cannot supply steady power, "
+                           "which causes flickering.")
+    shipped = Passage("cancel", "Cancelling an Order", "Once the order has shipped it can no longer be cancelled online. "
+                      "You can refuse the parcel at the door, or return it within 7 days.", heading="After dispatch")
+    ev = best_evidence("Can I still cancel it? And what if it has already gone out?", [shipped],
+                       focus="And what if it has already gone out?")
+    assert ev.sentence.endswith("You can refuse the parcel at the door, or return it within 7 days.")
+
+
+def test_a_page_whose_title_names_the_concept_asked_about_answers_it():
+    holiday = Passage("holiday", "Spring Festival Schedule", "Online chat stays available.", score=1.0)
+    contact = Passage("cs", "Contacting Customer Service", "Online chat answers 24 hours a day.", score=0.8)
+    assert best_evidence("客服在线聊天几点有人？", [holiday, contact], ("online", "chat")).doc_id == "cs"

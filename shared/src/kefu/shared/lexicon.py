@@ -22,9 +22,23 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "charging": ("充电", "快充", "充电器", "charging", "charger", "charge"),
     "shipping": ("发货", "配送", "快递", "运费", "送达", "包邮", "物流", "shipping", "ship", "ships", "delivery",
                  "deliver", "courier", "dispatch", "dispatched", "shipped", "gone out", "sent out", "发出"),
-    "returns": ("退货", "退款", "退换", "换货", "无理由", "return", "returns", "refund", "refunds", "exchange"),
+    "returns": ("退货", "退款", "退换", "无理由", "return", "returns", "refund", "refunds"),
+    # A new unit instead of the faulty one (换货), not money back.
+    "exchange": ("换货", "换新", "换一台", "换个新的", "exchange", "replacement", "replace it", "new one", "new unit",
+                 "swap it"),
+    "fault": ("故障", "坏了", "不工作", "不加热", "不制热", "不能用", "用不了", "没反应", "失灵", "fault", "faults",
+              "faulty", "defective", "broken", "stopped working", "stopped heating", "not working", "doesn't work",
+              "does not work", "won't turn on", "won't charge"),
+    # The order has left the warehouse: what is possible then differs from before dispatch.
+    "shipped": ("已发货", "已经发货", "发出了", "已发出", "已经发出", "寄出了", "已寄出", "already shipped", "has shipped",
+                "have shipped", "been shipped", "gone out", "already sent", "after dispatch", "already dispatched",
+                "been dispatched", "on its way", "in transit"),
     "hours": ("营业", "营业时间", "几点", "开门", "关门", "打烊", "hours", "open", "opens", "close", "closes",
               "opening", "closing"),
+    "weekday": ("工作日", "周一至周五", "周一到周五", "平日", "weekday", "weekdays", "monday to friday", "workday",
+                "working day", "working days"),
+    "weekend": ("周末", "周六", "周日", "星期六", "星期日", "星期天", "双休日", "weekend", "saturday", "sunday",
+                "saturday and sunday"),
     "screen": ("屏幕", "尺寸", "英寸", "显示屏", "screen", "display", "inch"),
     "weight": ("重量", "多重", "weight", "weigh", "weighs", "grams"),
     "capacity": ("容量", "几升", "多少水", "装多少", "capacity", "litre", "litres", "liter", "liters", "hold",
@@ -44,21 +58,40 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "waterproof": ("防水", "游泳", "waterproof", "water resistance", "water-resistant", "ip68", "ip67", "ip54",
                    "swimming", "swim"),
     "temperature": ("温度", "保温", "temperature", "°c", "degrees", "keep warm"),
-    "deposit": ("定金", "订金", "预订", "预售", "尾款", "deposit", "pre-order", "preorder", "balance"),
+    "deposit": ("定金", "订金", "预订", "预售", "尾款", "补款", "deposit", "pre-order", "preorder", "balance",
+                "left to pay", "remaining payment", "final payment", "rest of the payment", "pay the rest"),
     "coverage": ("覆盖", "平方米", "面积", "多大的房", "适合多大", "coverage", "cover", "square metres", "square meters",
                  "m²", "㎡", "room size", "how big a room", "rooms up to"),
     "filter": ("滤芯", "滤网", "filter", "filters", "cartridge"),
     "expiry": ("过期", "有效期", "清零", "expire", "expires", "expiry", "valid"),
     "birthday": ("生日", "birthday"),
     "hotline": ("热线", "客服电话", "电话", "hotline", "phone number", "call"),
+    "service": ("客服", "客户服务", "customer service", "customer support", "support team", "service team"),
+    "aftersales": ("售后", "售后服务", "after-sales", "after sales", "aftersales"),
     "cancel": ("取消", "撤销", "cancel", "cancellation", "call off"),
     "address": ("改地址", "修改地址", "收货地址", "delivery address", "change the address"),
-    "light": ("色温", "亮度", "调光", "频闪", "闪", "colour temperature", "color temperature", "brightness",
-              "kelvin", "flicker"),
+    "light": ("色温", "亮度", "调光", "colour temperature", "color temperature", "brightness", "kelvin"),
+    "flicker": ("频闪", "闪烁", "忽明忽暗", "闪", "flicker", "flickers", "flickering"),
+    "computer": ("电脑", "笔记本", "台式机", "computer", "laptop", "pc"),
     "obstacle": ("越障", "门槛", "threshold", "obstacle", "climb"),
     "runtime": ("续航", "扫多久", "能用多久", "用多久", "run time", "runtime", "battery life", "on one charge",
                 "full charge", "per charge"),
     "mesh": ("组网", "mesh", "nodes"),
+    # Cities (a store's, a delivery's): "深圳" is the "Shenzhen" of an English page.
+    "city_beijing": ("北京", "beijing"),
+    "city_shanghai": ("上海", "shanghai"),
+    "city_shenzhen": ("深圳", "shenzhen"),
+    "city_guangzhou": ("广州", "guangzhou"),
+    "city_chengdu": ("成都", "chengdu"),
+    "city_hangzhou": ("杭州", "hangzhou"),
+    "city_chongqing": ("重庆", "chongqing"),
+    "city_wuhan": ("武汉", "wuhan"),
+    "city_nanjing": ("南京", "nanjing"),
+    "city_tianjin": ("天津", "tianjin"),
+    "city_xian": ("西安", "xi'an", "xian"),
+    "city_suzhou": ("苏州", "suzhou"),
+    "city_hongkong": ("香港", "hong kong"),
+    "city_macau": ("澳门", "macau", "macao"),
 }
 
 # Concepts that describe a product (a question about one of them, without a product, is about the last
@@ -68,6 +101,9 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
 ENTITY_GROUPS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "tier": (("tier_regular", "tier_silver", "tier_gold", "tier_platinum"),
              frozenset({"membership", "birthday", "shipping", "returns"})),
+    # The city of the store asked about: "那周末几点关门？" after "北京的店" is about Beijing.
+    "city": (tuple(name for name in CONCEPTS if name.startswith("city_")),
+             frozenset({"hours", "location", "weekday", "weekend"})),
 }
 
 
@@ -75,6 +111,11 @@ def entity(text: str, group: str) -> str:
     """The one alternative of ``group`` that ``text`` names ("tier_gold"), or "" (none, or several)."""
     names = concepts(text) & set(ENTITY_GROUPS[group][0])
     return next(iter(names)) if len(names) == 1 else ""
+
+
+def entities(text: str, group: str) -> frozenset[str]:
+    """Every alternative of ``group`` that ``text`` names ({"city_beijing", "city_shanghai"})."""
+    return concepts(text) & frozenset(ENTITY_GROUPS[group][0])
 
 
 def entity_words(name: str) -> str:

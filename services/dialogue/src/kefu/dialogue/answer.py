@@ -75,7 +75,7 @@ class Answer:
 
 @dataclass
 class AnswerSettings:
-    search_k: int = 8
+    search_k: int = 12
     expand_docs: int = 2
     max_tokens: int = 96
     # How long a job may wait for a free replica, then how long a running job may be silent (its

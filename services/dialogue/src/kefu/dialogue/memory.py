@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from kefu.dialogue.slots import product_names, products
 from kefu.dialogue.state import State, Turn
-from kefu.shared.lexicon import concepts
+from kefu.shared.lexicon import ENTITY_GROUPS, concepts
 from kefu.shared.text import content_tokens, has_cjk
 
 RECENT_EXCHANGES = 2
+_ENTITIES = frozenset(name for names, _ in ENTITY_GROUPS.values() for name in names)
 # The memory is made from this many latest turns, so its cost does not grow with the conversation
 # (the three most recent topics are almost always among them; the slots remember the rest).
 WINDOW_TURNS = 240
@@ -124,7 +125,8 @@ def _topic_of(question: str) -> str:
     named = product_names(question)
     if named:
         return named[-1]
-    asked = sorted(concepts(question))
+    # What it asks about ("hours"), not whose ("city_shenzhen", "tier_gold"), unless that is all it names.
+    asked = sorted(concepts(question) - _ENTITIES) or sorted(concepts(question))
     return asked[0] if asked else ""
 
 

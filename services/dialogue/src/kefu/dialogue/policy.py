@@ -3,11 +3,12 @@ grounded prompt, and checking that a generated sentence keeps the facts and inve
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
 from kefu.dialogue.slots import products, ruled_out
-from kefu.shared.lexicon import concepts, expansions
+from kefu.shared.lexicon import concepts, entities, expansions
 from kefu.shared.text import content_tokens, facts, has_cjk, identifiers, query_tokens, split_sentences
 
 _HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|^\s*人工\s*[。！!]?\s*$")
@@ -26,9 +27,15 @@ _TITLE_WEIGHT = 0.2
 _NO_QUANTITY_PENALTY = 3.0
 _CONCEPT_WEIGHT = 3.0
 _EARLIER_WEIGHT = 0.3
+# A word the question does not have but one of its concepts does ("售价" for "多少钱"): the concept itself
+# is already counted, the word only says the sentence puts it the same way.
+_SYNONYM_WEIGHT = 0.5
 _CODE_WEIGHT = 2.0
 _TITLE_MATCH = 1.5
 _TITLE_SHARE = 0.5
+# A sentence with what the question asks for: a number of the unit it counts in ("几台" -> "4 台", "how many
+# days" -> "14 天"), a phone number, an email address.
+_SHAPE_WEIGHT = 1.5
 # A sentence of this few words is shown with its section's heading.
 _TERSE = 3
 # A question whose answer is a number, a time or a date.
@@ -40,6 +47,53 @@ _QUANTITY = re.compile(r"多少|几|多大|多久|多长|多重|多高|多远|�
 def asks_quantity(query: str) -> bool:
     """Whether the question's answer is a number, a time or a date ("保修几年", "how long", "几点")."""
     return bool(_QUANTITY.search(query))
+
+
+# Units a count question names, with their words in both languages (regular expressions).
+_UNITS = {
+    "day": ("天", "日", r"days?"), "year": ("年", r"years?"), "month": ("个月", "月", r"months?"),
+    "hour": ("个小时", "小时", r"hours?"), "minute": ("分钟", r"minutes?", r"mins?"), "week": ("周", "星期", r"weeks?"),
+    "unit": ("台", r"units?", r"devices?"), "times": ("次", "倍", r"times", "x"), "yuan": ("元", "块", "yuan"),
+    "litre": ("升", r"litres?", r"liters?", "l"), "watt": ("瓦", "w", r"watts?"), "people": ("人", "people", r"persons?"),
+    "clock": ("点",),
+}
+_ASKED_ZH = {w: unit for unit, words in _UNITS.items() for w in words if has_cjk(w)}
+_ASKED_EN = {"day": "day", "days": "day", "year": "year", "years": "year", "month": "month", "months": "month",
+             "hour": "hour", "hours": "hour", "minute": "minute", "minutes": "minute", "week": "week", "weeks": "week",
+             "units": "unit", "devices": "unit", "times": "times", "yuan": "yuan", "litres": "litre", "liters": "litre",
+             "watts": "watt", "people": "people", "persons": "people"}
+_COUNT_ZH = re.compile(r"(?:几|多少)\s*(" + "|".join(sorted(_ASKED_ZH, key=len, reverse=True)) + ")")
+_COUNT_EN = re.compile(r"\bhow many\s+(" + "|".join(_ASKED_EN) + r")\b", re.I)
+
+
+_ASKS_PHONE = re.compile(r"(?:电话|热线|号码)[^。？?，,]{0,4}(?:多少|是什么|是几)|号码|电话号|\b(?:phone|hotline|contact|"
+                         r"telephone) number\b|\bnumber (?:to|should i|do i) call\b|\bwhat number\b", re.I)
+_PHONE_NUMBER = re.compile(r"(?<![\d-])(?:\d{3,4}-\d{3,4}-\d{4}|400-?\d{3}-?\d{4}|1[3-9]\d{9})(?![\d-])")
+_ASKS_EMAIL = re.compile(r"邮箱|电子邮件|\be-?mail\b", re.I)
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+
+
+@functools.lru_cache(maxsize=4096)
+def answer_shape(question: str) -> re.Pattern[str] | None:
+    """What the answer to ``question`` looks like, where its wording says: a phone number ("热线电话是多少"), an
+    email address, a number in the unit it counts in ("保修几年": "2 年" or "2 years"; "最多能连几台": "4 台").
+    None for other questions."""
+    if _ASKS_PHONE.search(question):
+        return _PHONE_NUMBER
+    if _ASKS_EMAIL.search(question):
+        return _EMAIL
+    if m := _COUNT_ZH.search(question):
+        unit = _ASKED_ZH[m.group(1)]
+    elif m := _COUNT_EN.search(question):
+        unit = _ASKED_EN[m.group(1).lower()]
+    else:
+        return None
+    if unit == "clock":
+        return re.compile(r"\d{1,2}:\d{2}|\d{1,2}\s*点")
+    words = "|".join(_UNITS[unit])
+    # A year count is not a year ("2 年", not "2026 年"); prices and points can be long.
+    number = r"\d[\d,]*(?:\.\d+)?" if unit == "yuan" else r"(?<![\d.])\d{1,3}(?:\.\d+)?"
+    return re.compile(rf"{number}\s*(?:{words})(?![a-z])", re.I)
 
 
 HANDOFF_TEXT = {"zh": "好的，正在为您转接人工客服，请稍候。", "en": "Sure, I'm connecting you to a human agent. Please wait a moment."}
@@ -109,10 +163,63 @@ class Evidence:
     score: float
 
 
-def _weighted_overlap(query: set[str], text: str, title_tokens: set[str], earlier: frozenset[str] = frozenset()) -> float:
-    # Chinese words also count where the text has them but jieba cut it differently ("最多" in "网络最多支持").
-    hit = (query & content_tokens(text)) | {w for w in query if len(w) > 1 and w in text and has_cjk(w)}
-    return sum(_TITLE_WEIGHT if t in title_tokens else (_EARLIER_WEIGHT if t in earlier else 1.0) for t in hit)
+def _weighted_overlap(query: set[str], text: str, title_tokens: set[str], earlier: frozenset[str] = frozenset(),
+                      chinese: tuple[str, ...] | None = None, synonyms: frozenset[str] = frozenset()) -> float:
+    # Chinese words also count where the text has them but jieba cut it differently ("最多" in "网络最多支持");
+    # ``chinese``: the query's Chinese words of two characters or more, when the caller has them already.
+    if chinese is None:
+        chinese = _chinese_words(query)
+    hit = (query & content_tokens(text)) | {w for w in chinese if w in text}
+    if len(hit) > 1:
+        # A Chinese word counts once, not again for each shorter word jieba also found in it ("空气净化器",
+        # "净化器", "空气").
+        hit = {t for t in hit if not (has_cjk(t) and any(t != u and t in u for u in hit))}
+    return sum(_TITLE_WEIGHT if t in title_tokens else _EARLIER_WEIGHT if t in earlier
+               else _SYNONYM_WEIGHT if t in synonyms else 1.0 for t in hit)
+
+
+def _chinese_words(tokens: set[str]) -> tuple[str, ...]:
+    return tuple(w for w in tokens if len(w) > 1 and has_cjk(w))
+
+
+# "It can no longer be cancelled online." is followed by what can be done instead.
+_RESTRICTION = re.compile(r"\b(?:no longer|cannot|can't|can not|unable to|not possible)\b|不能|无法|不再|不可以", re.I)
+# A list item ("- ...") of more sentences or characters than this is shown sentence by sentence (a chunk
+# keeps a paragraph that follows an item on the item's line).
+_MAX_ITEM_SENTENCES = 3
+_MAX_ITEM_CHARS = 300
+_ITEM = re.compile(r"^\s*[-*•]\s+")
+
+
+@functools.lru_cache(maxsize=8192)
+def _sentences(text: str) -> tuple[tuple[str, str], ...]:
+    """A passage's sentences, each with what is shown when it is the answer: a list item whole ("- L2: use
+    the 5 V / 2 A adapter. Laptop USB ports cause flickering."), a sentence that says what is not possible
+    with the one after it, which says what is ("...can no longer be cancelled online. You can refuse the
+    parcel."), any other sentence alone. Cached: the same passages come back turn after turn."""
+    out = []
+    for line in text.splitlines():
+        parts = split_sentences(line)
+        item = 1 < len(parts) <= _MAX_ITEM_SENTENCES and bool(_ITEM.match(line)) and len(line) <= _MAX_ITEM_CHARS
+        for i, sentence in enumerate(parts):
+            if item:
+                shown = _join([_BULLET.sub("", x) for x in parts])
+            elif i + 1 < len(parts) and _RESTRICTION.search(sentence):
+                shown = _join([_BULLET.sub("", sentence), parts[i + 1]])
+            else:
+                shown = _BULLET.sub("", sentence)
+            out.append((sentence, shown))
+    return tuple(out)
+
+
+def _join(sentences: list[str]) -> str:
+    return ("" if has_cjk(sentences[0]) else " ").join(sentences)
+
+
+@functools.lru_cache(maxsize=16384)
+def _sentence_facts(sentence: str) -> frozenset[str]:
+    """The facts of a sentence without its list marker: the 4 of "4. 组网成功后…" numbers a step."""
+    return facts(_BULLET.sub("", sentence))
 
 
 def _question_tokens(query: str) -> set[str]:
@@ -157,12 +264,16 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     # The product's name identifies the document (``identity``); it is not what the question asks.
     name_tokens = frozenset(t for name in named for t in content_tokens(name))
     quantity = asks_quantity(query)
+    shape = answer_shape(focus or query)
+    cities = entities(query, "city")
     # A product the question rules out ("not the X200") is another product, not a code it asks about.
     codes = identifiers(query) - {c for name in ruled_out(query) for c in identifiers(name)}
     # Codes that are not the product: error codes, order numbers, SKUs. A sentence with one answers.
     asked_codes = codes - {c for name in named for c in identifiers(name)}
     best: tuple[tuple[float, float, int], Evidence] | None = None
     top = max((p.score for p in passages), default=0.0) or 1.0
+    chinese = _chinese_words(q)
+    synonyms = frozenset(q - _words(query))
     for rank, p in enumerate(passages):
         title_tokens = content_tokens(p.title) | name_tokens
         about = products(p.title)
@@ -170,20 +281,30 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
         # a document whose title the question names (in either language: "北京中关村店" and "Beijing
         # Zhongguancun Store") is the one asked about.
         identity = 0.0 if not named or not about else (2.0 if named & about else -2.0)
+        # The same for the city a store's page is about ("深圳华强北店" for "你们深圳门店").
+        if cities and (at := entities(p.title, "city")):
+            identity += 2.0 if cities & at else -2.0
         if not identity and (raw_title := content_tokens(p.title)):
             share = len(raw_title & (q | glossed)) / len(raw_title)
             identity = _TITLE_MATCH * share if share >= _TITLE_SHARE else 0.0
         prior = p.score / top + 1.0 / (1 + rank)
-        for sentence in split_sentences(p.text):
+        for sentence, answer in _sentences(p.text):
             if sentence.rstrip().endswith(("?", "？")):
                 continue  # a question (an FAQ's own, say) is not an answer
-            own = _weighted_overlap(q, sentence, title_tokens, earlier) + 0.5 * len(glossed & content_tokens(sentence))
-            said = concepts(sentence) | concepts(p.heading)
+            own = (_weighted_overlap(q, sentence, title_tokens, earlier, chinese, synonyms)
+                   + 0.5 * len(glossed & content_tokens(sentence)))
+            said = concepts(sentence) | concepts(p.heading) | concepts(p.title)
             covered = len(now & said) + _EARLIER_WEIGHT * len((asked - now) & said)
-            if own <= _TITLE_WEIGHT and not covered:
-                continue  # the sentence itself says nothing the question asks about
             mentioned = products(sentence)
-            if named & mentioned:
+            # A page about no product in particular (a policy) whose title the question names, naming the
+            # product asked about, says how the policy applies to it: "Not valid for clearance items such as
+            # the SM-G9910".
+            exception = bool(named & mentioned) and not about and identity > 0 and bool(covered or not now)
+            if own <= _TITLE_WEIGHT and not covered and not exception:
+                continue  # the sentence itself says nothing the question asks about
+            if exception:
+                mention = 2.0
+            elif named & mentioned:
                 mention = 1.0
             elif named and mentioned and not identifiers(sentence) & codes:
                 mention = -1.0  # about another product (a code the question also has, E05 say, is not one)
@@ -191,16 +312,20 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
                 mention = 0.0
             score = own + _CONCEPT_WEIGHT * covered + identity + mention + prior
             score += _CODE_WEIGHT * len(asked_codes & identifiers(sentence))
-            if quantity and not any(f[0].isdigit() for f in facts(sentence)):
+            if shape is not None and shape.search(sentence):
+                score += _SHAPE_WEIGHT
+            if quantity and not any(f[0].isdigit() for f in _sentence_facts(sentence)):
                 score -= _NO_QUANTITY_PENALTY  # "多大", "how long": the answer has a number in it
-            clauses = [c for c in _CLAUSE.split(sentence) if c.strip()] or [sentence]
-            clause = max(clauses, key=lambda c: (len(asked & concepts(c)), _weighted_overlap(q, c, title_tokens),
-                                                 bool(facts(c))))
-            required = frozenset(facts(clause) - facts(query))
             # Ties go to the better-ranked passage.
             key = (round(score, 3), -rank, own)
             if best is None or key > best[0]:
-                shown = _BULLET.sub("", sentence)
+                shown = answer
+                own_text = _BULLET.sub("", sentence)
+                clauses = [c for c in _CLAUSE.split(own_text) if c.strip()] or [own_text]
+                clause = max(clauses, key=lambda c: (len(asked & concepts(c)),
+                                                     _weighted_overlap(q, c, title_tokens, chinese=chinese),
+                                                     bool(facts(c))))
+                required = frozenset(facts(clause) - facts(query))
                 if p.heading and len(content_tokens(shown)) <= _TERSE and not content_tokens(p.heading) & content_tokens(shown):
                     shown = f"{p.heading}: {shown}"  # "2 years." alone does not say of what
                 best = (key, Evidence(shown, p.doc_id, required, score))
