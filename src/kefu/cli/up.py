@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -25,24 +24,18 @@ from kefu.shared.bus import Bus
 from kefu.shared.config import admin_token, signing_secret
 from kefu.shared.errors import KefuError
 from kefu.shared.models import DEFAULT_EMBED, DEFAULT_LLM, ModelError, models_dir, pull
-from kefu.shared.natsserver import NatsServer
+from kefu.shared.natsserver import NatsServer, die_with_parent
 from kefu.shared.service import health_subject
 
 READY_TIMEOUT = 600.0
 STOP_GRACE = 15.0
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies (Linux), so no service is ever orphaned."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _broker_child() -> None:
     """In nats-server: ignore the terminal's Ctrl-C (Go keeps an inherited SIG_IGN), so the broker
     outlives the services' drain and is stopped last, by us."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
 
 
 def say(msg: str) -> None:
@@ -62,7 +55,7 @@ class Child:
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         log.close()
         self.started = time.monotonic()
 

@@ -5,14 +5,24 @@ Used by ``kefu up`` when no ``--nats-url`` is given, and by the tests.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
+
+
+def die_with_parent() -> None:
+    """In a child process: get SIGTERM when the thread that started it ends (Linux), so a crashed test run
+    or supervisor leaves no broker behind."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def find_nats_server() -> str:
@@ -53,7 +63,9 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 20.0, preexec_fn: object = None) -> NatsServer:
+    def start(self, timeout: float = 20.0, preexec_fn: object = die_with_parent) -> NatsServer:
+        """Start the server and wait until it accepts connections. By default it dies with the thread
+        that started it (``preexec_fn``), so start it from one that lives as long as it should."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
