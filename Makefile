@@ -68,6 +68,7 @@ bench: models ## run the benchmarks; JSON reports go to bench/results/
 	$(BIN)/python -m bench.dialogue
 	$(BIN)/python -m bench.retrieval
 	$(BIN)/python -m bench.plugins
+	$(BIN)/python -m bench.gateway
 
 up: ## docker compose up (needs a Docker engine)
 	docker compose up -d

@@ -232,3 +232,30 @@ async def test_grpc_converse_resumes_from_last_seq_and_streams_agent_messages(st
 
         [resync] = [r async for r in conv.Converse(past_the_end(), metadata=meta, timeout=30)]
         assert resync.WhichOneof("event") == "resync" and resync.resync.seq == resync.seq == again.seq
+
+
+async def test_a_socket_that_reads_too_slowly_is_closed_to_resume_not_buffered_without_end(stack, bus, unique):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        cid, tok = await start(s, stack, unique("slow"))
+        async with s.ws_connect(f"{stack.http}/v1/ws?token={tok}") as ws:
+            async def say(seq, text):
+                await bus.publish(out_subject(cid), turn_pb2.OutEvent(conversation_id=cid, kind="agent_message",
+                                                                      text=text, seq=seq))
+
+            for _ in range(50):  # the socket is listening once one arrives
+                await say(1, "hello")
+                try:
+                    if (await ws.receive_json(timeout=0.2))["text"] == "hello":
+                        break
+                except TimeoutError:
+                    continue
+            # The visitor's page stops reading; 24 MB of messages are more than the socket buffers hold.
+            for seq in range(2, 3002):
+                await say(seq, "x" * 8000)
+            await bus.nc.flush()
+            await asyncio.sleep(1.0)
+            received = 0
+            while (msg := await ws.receive(timeout=30)).type == aiohttp.WSMsgType.TEXT:
+                received += 1
+            assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1013
+            assert 0 < received < 3000

@@ -239,7 +239,8 @@ class Outbox:
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
-        self._queue: deque[str] | None = None
+        # JSON texts to write; None: close the socket (the reader fell behind), nothing after it.
+        self._queue: deque[str | None] | None = None
         self._writer: asyncio.Task[None] | None = None
 
     def frame(self, f: Frame) -> None:
@@ -253,24 +254,26 @@ class Outbox:
             return
         if self._queue is None:
             self._queue = deque()
+        elif self._queue and self._queue[-1] is None:
+            return  # closing
         if len(self._queue) >= self.LIMIT:
             self._queue.clear()
-            self._writer = self._writer or asyncio.create_task(self._close_slow())
-            return
-        self._queue.append(json.dumps(obj, ensure_ascii=False))
+            self._queue.append(None)
+        else:
+            self._queue.append(json.dumps(obj, ensure_ascii=False))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
         try:
             while self._queue and not self.ws.closed:
-                await self.ws.send_str(self._queue.popleft())
+                text = self._queue.popleft()
+                if text is None:
+                    await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow: reconnect with last_seq")
+                    break
+                await self.ws.send_str(text)
         except Exception:  # the socket went away under us: its handler ends on its own
             pass
         finally:
             self._queue = None
             self._writer = None
-
-    async def _close_slow(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow: reconnect with last_seq")
