@@ -35,3 +35,9 @@ class RateLimiter:
         self._buckets[key] = (tokens - cost, now)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+
+    def available(self, key: str, now: float | None = None) -> float:
+        """The tokens ``key`` has now (taking none)."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - last) * self.rate)
