@@ -8,7 +8,7 @@ import json
 import sys
 import urllib.parse
 
-from kefu.cli.client import Client
+from kefu.cli.client import Client, fail
 
 
 def add_parser(sub: argparse._SubParsersAction, client_args: object) -> None:  # type: ignore[type-arg]
@@ -42,18 +42,12 @@ def _password(args: argparse.Namespace) -> str | None:
     return first
 
 
-def _fail(status: int, body: object) -> int:
-    err = body.get("error", {}) if isinstance(body, dict) else {}
-    print(f"error: {err.get('message') or status} ({err.get('code', 'http_error')})", file=sys.stderr)
-    return 1
-
-
 def run(c: Client, args: argparse.Namespace) -> int:
     base = f"/v1/tenants/{urllib.parse.quote(args.tenant, safe='')}/agents"
     if args.agents_command == "list":
         status, body = c.call("GET", base)
         if status != 200:
-            return _fail(status, body)
+            return fail(status, body)
         if args.json:
             print(json.dumps(body, ensure_ascii=False, indent=2))
         for a in body["agents"] if not args.json else ():
@@ -65,7 +59,7 @@ def run(c: Client, args: argparse.Namespace) -> int:
     if args.agents_command == "remove":
         status, body = c.call("DELETE", path)
         if status != 200:
-            return _fail(status, body)
+            return fail(status, body)
         print(f"removed {args.agent_id} from {args.tenant}")
         return 0
     password = _password(args)
@@ -73,6 +67,6 @@ def run(c: Client, args: argparse.Namespace) -> int:
         return 1
     status, body = c.call("PUT", path, {"password": password, "role": args.role, "name": args.name})
     if status != 200:
-        return _fail(status, body)
+        return fail(status, body)
     print(f"saved {body['agent_id']} ({body['role']}) in {body['tenant']}")
     return 0

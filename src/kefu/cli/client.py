@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -45,3 +46,10 @@ class Client:
                 return exc.code, {"error": {"code": "http_error", "message": str(exc)}}
         except (urllib.error.URLError, OSError) as exc:
             return 0, {"error": {"code": "unavailable", "message": f"cannot reach {self.base}: {exc}"}}
+
+
+def fail(status: int, body: object) -> int:
+    """Print the gateway's error answer for the CLI user; the exit status (1)."""
+    err = body.get("error", {}) if isinstance(body, dict) else {}
+    print(f"error: {err.get('message') or status} ({err.get('code', 'http_error')})", file=sys.stderr)
+    return 1

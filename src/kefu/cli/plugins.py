@@ -7,7 +7,7 @@ import json
 import sys
 import urllib.parse
 
-from kefu.cli.client import Client
+from kefu.cli.client import Client, fail
 
 
 def add_parser(sub: argparse._SubParsersAction, client_args: object) -> None:  # type: ignore[type-arg]
@@ -29,12 +29,6 @@ def add_parser(sub: argparse._SubParsersAction, client_args: object) -> None:  #
         client_args(p)  # type: ignore[operator]
 
 
-def _fail(status: int, body: object) -> int:
-    err = body.get("error", {}) if isinstance(body, dict) else {}
-    print(f"error: {err.get('message') or status} ({err.get('code', 'http_error')})", file=sys.stderr)
-    return 1
-
-
 def _errors(errors: list[dict]) -> None:
     for e in errors:
         kept = f"; still serving {e['serving_version']}" if e.get("serving_version") else ""
@@ -45,7 +39,7 @@ def run(c: Client, args: argparse.Namespace) -> int:
     if args.plugins_command == "reload":
         status, body = c.call("POST", "/v1/plugins/reload")
         if status != 200:
-            return _fail(status, body)
+            return fail(status, body)
         for r in body["replicas"]:
             versions = ", ".join(f"{n} {v}" for n, v in sorted(r["plugins"].items())) or "no plugins"
             print(f"{r['instance']}: {versions}")
@@ -55,7 +49,7 @@ def run(c: Client, args: argparse.Namespace) -> int:
     if args.plugins_command == "list":
         status, body = c.call("GET", base)
         if status != 200:
-            return _fail(status, body)
+            return fail(status, body)
         if args.json:
             print(json.dumps(body, ensure_ascii=False, indent=2))
             return 0
@@ -74,6 +68,6 @@ def run(c: Client, args: argparse.Namespace) -> int:
     status, body = c.call("PUT", f"{base}/{urllib.parse.quote(args.name, safe='')}",
                           {"enabled": args.plugins_command == "enable", "settings": settings})
     if status != 200:
-        return _fail(status, body)
+        return fail(status, body)
     print(f"{body['plugin']} {'enabled' if body['enabled'] else 'disabled'} for {body['tenant']}")
     return 0
