@@ -3,6 +3,7 @@ back with the last seq it saw is sent what it missed (bot replies, agent message
 live events — over real sockets, against the five real services."""
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -259,3 +260,100 @@ async def test_a_socket_that_reads_too_slowly_is_closed_to_resume_not_buffered_w
                 received += 1
             assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1013
             assert 0 < received < 3000
+
+
+class Proxy:
+    """A TCP proxy in front of nats-server, so one client's connection can be cut (a network blip)."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.removeprefix("nats://").rsplit(":", 1)
+        self.target_port = int(port)
+        self.down = False
+        self.links: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.url = f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.cut()
+        self.server.close()
+
+    async def _accept(self, reader, writer):
+        if self.down:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        self.links += [writer, up_writer]
+
+        async def pipe(src, dst):
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        asyncio.ensure_future(pipe(reader, up_writer))
+        asyncio.ensure_future(pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.down = True
+        for w in self.links:
+            w.transport.abort()
+        self.links.clear()
+
+
+async def test_what_was_published_while_the_gateway_was_cut_off_from_nats_still_arrives(stack, bus, unique):
+    from kefu.gateway.app import GatewayService, GatewaySettings
+    from kefu.shared.service import start_in_background
+
+    async with Proxy(stack.nats_url) as proxy:
+        svc = GatewayService(GatewaySettings(nats_url=proxy.url, data_dir=stack.data_dir, http_port=0, grpc_port=0,
+                                             log_level="error"))
+        stop = asyncio.Event()
+        task = await start_in_background(svc, stop)
+        base = f"http://127.0.0.1:{svc.http_port}"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+                stack_here = type("S", (), {"http": base})
+                convs = [await start(s, stack_here, unique("blip")) for _ in range(2)]
+                for cid, tok in convs:
+                    async with s.post(f"{base}/v1/conversations/{cid}/messages", json={"text": "转人工"},
+                                      headers={"Authorization": f"Bearer {tok}"}) as r:
+                        assert (await r.json())["reply"]["source"] == "handoff"
+                (cid, tok), (cid2, tok2) = convs
+                async with s.ws_connect(f"{base}/v1/ws?token={tok}") as ws, \
+                        s.ws_connect(f"{base}/v1/ws?token={tok2}") as ws2:
+                    for _ in range(50):  # both sockets listening: the first one hears an agent message
+                        first = await agent(bus, cid, "reply", "hello")
+                        try:
+                            if (await ws.receive_json(timeout=0.2))["seq"] == first.seq:
+                                break
+                        except TimeoutError:
+                            continue
+                    await asyncio.sleep(0.2)
+                    while await quiet(ws, 0.2):
+                        pass
+
+                    proxy.cut()
+                    for _ in range(100):
+                        if not svc.bus.nc.is_connected:
+                            break
+                        await asyncio.sleep(0.02)
+                    assert not svc.bus.nc.is_connected
+                    missed = await agent(bus, cid, "reply", "said while you were cut off")
+                    other = await agent(bus, cid2, "reply", "and here")
+                    await asyncio.sleep(0.3)
+                    proxy.down = False  # the gateway reconnects on its own
+
+                    frame = await ws.receive_json(timeout=15)
+                    assert frame == {"type": "agent_message", "text": "said while you were cut off", "seq": missed.seq}
+                    # The second socket had been sent nothing: its client's position is unknown, so the state.
+                    frame2 = await ws2.receive_json(timeout=15)
+                    assert frame2["type"] == "resync" and frame2["reason"] == "gateway_reconnected"
+                    assert frame2["seq"] == other.seq and frame2["state"]["turns"][-1]["text"] == "and here"
+                    assert await quiet(ws, 0.3) == [] and await quiet(ws2, 0.1) == []
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)

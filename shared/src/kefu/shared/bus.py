@@ -73,9 +73,11 @@ class Bus:
         default_timeout: Deadline in seconds for :meth:`request` when none is given.
     """
 
-    def __init__(self, nc: NATS, default_timeout: float = 10.0, flags: dict[str, bool] | None = None) -> None:
+    def __init__(self, nc: NATS, default_timeout: float = 10.0, flags: dict[str, bool] | None = None,
+                 hooks: dict[str, list[Callable[[], None]]] | None = None) -> None:
         self.nc = nc
         self._flags = flags if flags is not None else {}
+        self._hooks = hooks if hooks is not None else {"disconnected": [], "reconnected": []}
         self.js: JetStreamContext = nc.jetstream()
         self.default_timeout = default_timeout
         self._tasks: set[asyncio.Task[None]] = set()
@@ -89,13 +91,18 @@ class Bus:
             log.warning("nats error", error=str(exc))
 
         flags = {"closing": False}
+        hooks: dict[str, list[Callable[[], None]]] = {"disconnected": [], "reconnected": []}
 
         async def on_disconnect() -> None:
             if not flags["closing"]:
                 log.warning("nats disconnected")
+                for fn in hooks["disconnected"]:
+                    fn()
 
         async def on_reconnect() -> None:
             log.info("nats reconnected")
+            for fn in hooks["reconnected"]:
+                fn()
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_timeout
@@ -107,13 +114,19 @@ class Bus:
                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                     connect_timeout=2, allow_reconnect=True, drain_timeout=5,
                 )
-                return cls(nc, default_timeout, flags)
+                return cls(nc, default_timeout, flags, hooks)
             except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
                 if loop.time() + delay > deadline:
                     raise Unavailable(f"cannot reach NATS at {','.join(servers)}: {exc}") from exc
                 log.info("waiting for nats", servers=servers)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def on_connection_change(self, disconnected: Callable[[], None], reconnected: Callable[[], None]) -> None:
+        """Call ``disconnected`` when the connection to NATS drops, ``reconnected`` once it is back with
+        its subscriptions: core messages published in between were not received (JetStream's were kept)."""
+        self._hooks["disconnected"].append(disconnected)
+        self._hooks["reconnected"].append(reconnected)
 
     async def close(self) -> None:
         """Drain subscriptions (in-flight handlers finish) and close."""

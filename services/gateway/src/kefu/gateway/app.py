@@ -10,6 +10,7 @@ from pydantic import Field
 from kefu.gateway.agents import AgentDirectory
 from kefu.gateway.auth import Auth, Origins
 from kefu.gateway.core import Core
+from kefu.gateway.feed import follow_reconnects
 from kefu.gateway.grpc_api import start_grpc
 from kefu.gateway.http import HttpApi
 from kefu.gateway.ratelimit import RateLimits
@@ -86,6 +87,7 @@ class GatewayService(Service):
         core = Core(bus, turn_timeout=s.turn_timeout, services=services, tenants=tenants,
                     search_timeout=s.search_timeout)
         await core.setup()
+        follow_reconnects(core)  # open sockets catch up on what was published while NATS was out of reach
         agents = AgentDirectory(bus, auth, s.agent_token_ttl)
         await agents.setup()
         stack.push_async_callback(agents.close)

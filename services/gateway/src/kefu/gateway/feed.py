@@ -5,12 +5,14 @@ duplicate at the boundary.
 Every frame carries the conversation seq: a ``delta`` the seq of the visitor message it answers, a
 ``reply`` that seq as ``seq`` (as in the HTTP answer) and its own event's as ``reply_seq``, an
 ``agent_message`` its own. A client keeps the highest ``reply_seq`` / ``agent_message`` seq it has
-seen and names it as ``last_seq`` when it comes back.
+seen and names it as ``last_seq`` when it comes back. When the gateway's own NATS connection drops,
+every open feed catches up the same way once it is back (:func:`follow_reconnects`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ from dataclasses import dataclass
 from kefu.gateway.core import Core, Delta
 from kefu.proto.bus.v1 import turn_pb2
 from kefu.shared.errors import KefuError
+from kefu.shared.logging import get_logger
+
+log = get_logger("kefu.gateway.feed")
 
 # More missed events than this: the client gets the state (resync) instead of a replay.
 MAX_REPLAY = 500
@@ -50,7 +55,7 @@ class Feed:
     """
 
     # Thousands of these sit idle on a gateway: slots, and nothing allocated until it is needed.
-    __slots__ = ("_answered", "_held", "_listener", "_own", "_upto", "cid", "core", "sink")
+    __slots__ = ("_answered", "_held", "_lock", "_own", "_seen", "_upto", "cid", "core", "sink")
 
     def __init__(self, core: Core, conversation_id: str, sink: Callable[[Frame], None]) -> None:
         self.core = core
@@ -62,13 +67,16 @@ class Feed:
         # After a resume: events up to this seq, and the replies to these visitor messages, were sent.
         self._upto = 0
         self._answered = _NONE
-        self._listener = self._on_out  # the one bound method, so that close() removes what listen() added
-        core.router.listen(conversation_id, self._listener)
+        # The highest event seq this connection was sent: where a catch-up starts from.
+        self._seen = 0
+        self._lock: asyncio.Lock | None = None  # one resume at a time (a client's, a catch-up); made when needed
+        core.router.listen(conversation_id, self)
 
     def close(self) -> None:
-        self.core.router.unlisten(self.cid, self._listener)
+        self.core.router.unlisten(self.cid, self)
 
-    def _on_out(self, ev: turn_pb2.OutEvent) -> None:
+    def __call__(self, ev: turn_pb2.OutEvent) -> None:
+        """An event from the router (the feed itself is the listener: no bound method per socket)."""
         if self._own and ev.turn_id in self._own:
             return
         if ev.kind == "agent_message":
@@ -83,7 +91,12 @@ class Feed:
         if self._held is not None:
             self._held.append(frame)
         elif not self._covered(frame):
-            self.sink(frame)
+            self._send(frame)
+
+    def _send(self, f: Frame) -> None:
+        if f.kind != "delta":
+            self._seen = max(self._seen, f.reply_seq if f.kind == "reply" else f.seq)
+        self.sink(f)
 
     def _covered(self, f: Frame) -> bool:
         if f.kind == "agent_message":
@@ -96,27 +109,35 @@ class Feed:
 
     async def resume(self, last_seq: int) -> None:
         """Send every visitor-visible event after ``last_seq`` in order, or a resync with the state."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            await self._resume(last_seq)
+
+    async def _resume(self, last_seq: int) -> None:
         self._held = []
         try:
             try:
                 state = await self.core.get_state(self.cid)
             except KefuError as exc:
                 # No state to replay from: say so; the client fetches the state when it can.
-                self.sink(Frame("resync", reason="unavailable", error=exc))
+                self._send(Frame("resync", reason="unavailable", error=exc))
                 return
             visible = sorted((t for t in state.turns if t.role in ("bot", "agent") and t.seq > last_seq),
                              key=lambda t: t.seq)
             if last_seq > state.seq or len(visible) > MAX_REPLAY:
-                self.sink(Frame("resync", seq=state.seq, state=state,
-                                reason="unknown_seq" if last_seq > state.seq else "too_far_behind"))
+                self._send(Frame("resync", seq=state.seq, state=state,
+                                 reason="unknown_seq" if last_seq > state.seq else "too_far_behind"))
             else:
                 for t in visible:
                     if t.role == "bot":
-                        self.sink(Frame("reply", seq=t.in_reply_to, reply_seq=t.seq, reply=turn_pb2.Reply(
-                            text=t.text, source=t.source, citations=list(t.citations))))
+                        frame = Frame("reply", seq=t.in_reply_to, reply_seq=t.seq, reply=turn_pb2.Reply(
+                            text=t.text, source=t.source, citations=list(t.citations)))
                     else:
-                        self.sink(Frame("agent_message", seq=t.seq, text=t.text))
+                        frame = Frame("agent_message", seq=t.seq, text=t.text)
+                    self._send(frame)
             self._upto = max(self._upto, state.seq)
+            self._seen = max(self._seen, state.seq)  # the client now has all there is to see up to here
             self._answered = self._answered | {t.in_reply_to for t in visible if t.role == "bot" and t.in_reply_to}
         finally:
             held, self._held = self._held, None
@@ -138,3 +159,57 @@ class Feed:
         finally:
             # Dialogue's reply event may still be on its way to the router.
             asyncio.get_running_loop().call_later(5.0, self._own.discard, turn_id)
+
+    async def catch_up(self, since_ms: int) -> None:
+        """After this gateway lost NATS for a while (events published meanwhile never reached it): what
+        changed since ``since_ms`` — replayed after the last event sent, or, when this connection was
+        sent none yet (its client's position is unknown), a resync."""
+        if self._lock is not None:
+            async with self._lock:  # a resume in progress sets the position first
+                pass
+        if self._seen:
+            await self.resume(self._seen)
+            return
+        try:
+            state = await self.core.get_state(self.cid)
+        except KefuError as exc:
+            self._send(Frame("resync", reason="unavailable", error=exc))
+            return
+        if state.updated_ms >= since_ms:
+            self._send(Frame("resync", seq=state.seq, state=state, reason="gateway_reconnected"))
+
+
+def follow_reconnects(core: Core, concurrency: int = 32) -> None:
+    """Have every open feed catch up when the gateway's NATS connection comes back after a drop."""
+    down_since: list[int] = []
+    running: set[asyncio.Task[None]] = set()
+
+    def disconnected() -> None:
+        if not down_since:
+            # A second of margin: an event stamped by another machine's clock just before the drop.
+            down_since.append(int(time.time() * 1000) - 1000)
+
+    def reconnected() -> None:
+        if not down_since:
+            return
+        since = down_since.pop()
+        feeds = [f for f in core.router.listeners() if isinstance(f, Feed)]
+        if feeds:
+            task = asyncio.create_task(_catch_up(feeds, since, concurrency))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    core.bus.on_connection_change(disconnected, reconnected)
+
+
+async def _catch_up(feeds: list[Feed], since_ms: int, concurrency: int) -> None:
+    slots = asyncio.Semaphore(concurrency)  # one state read per conversation; dialogue is not flooded
+
+    async def one(feed: Feed) -> None:
+        async with slots:
+            try:
+                await feed.catch_up(since_ms)
+            except Exception:
+                log.exception("catch-up failed", conversation_id=feed.cid)
+
+    await asyncio.gather(*(one(f) for f in feeds))

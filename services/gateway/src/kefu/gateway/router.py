@@ -69,5 +69,9 @@ class OutRouter:
             if not found:
                 del self._listeners[conversation_id]
 
+    def listeners(self) -> list[Listener]:
+        """Every listener now registered, of every conversation."""
+        return [fn for found in self._listeners.values() for fn in found]
+
     def __len__(self) -> int:
         return len(self._listeners)
