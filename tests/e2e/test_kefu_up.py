@@ -1,5 +1,5 @@
 """A new user's path: `kefu up` on free ports, documents in, a cited streamed answer out, the CLI
-commands, a crashed service restarted, and Ctrl-C leaving no process behind."""
+commands, a crashed service restarted, plugins reloaded on SIGHUP, and Ctrl-C leaving no process behind."""
 
 import json
 import os
@@ -115,6 +115,20 @@ def test_first_answer_cli_restart_and_clean_stop(kefu_up, tmp_path):
         assert time.time() < deadline, body
         time.sleep(1)
     assert json.loads(body)["seq"] == 3
+
+    # The built-in plugins are in <data-dir>/plugins; an edited one is served after a SIGHUP to kefu up.
+    plugin = data / "plugins" / "ai_enhancer.py"
+    plugin.write_text(plugin.read_text().replace('"version": "1.0.0"', '"version": "1.0.1"'))
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 60
+    while True:
+        st, body = http(base, "GET", "/v1/tenants/shop/plugins", token=ADMIN)
+        versions = {p["name"]: p["version"] for p in json.loads(body)["plugins"]} if st == 200 else {}
+        if versions.get("ai_enhancer") == "1.0.1":
+            break
+        assert time.time() < deadline, (st, body)
+        time.sleep(0.3)
+    assert set(versions) == {"ai_enhancer", "crm_adapter", "payment"}
 
     # Ctrl-C stops everything, nats-server included.
     os.killpg(proc.pid, signal.SIGINT)
