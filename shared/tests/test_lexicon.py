@@ -35,3 +35,10 @@ def test_cities_meet_across_languages():
     assert entities("Shenzhen Huaqiangbei Store", "city") == {"city_shenzhen"}
     assert "shenzhen" in expansions("深圳门店")
     assert entities("北京和上海", "city") == {"city_beijing", "city_shanghai"}
+
+
+def test_account_and_order_concepts():
+    assert "forgot" in concepts("管理密码忘了") and "forgot" in concepts("I forgot my password")
+    assert "forgot" not in concepts("密码要 8-20 位")
+    assert "order_number" in concepts("SF 开头的单号是你们的订单号吗？") and "order_number" in concepts("the order number")
+    assert concepts("Is cash on delivery possible?") >= {"cod"} and "installment" in concepts("分 12 期，每期月供多少")

@@ -38,3 +38,12 @@ def test_a_numbered_step_stays_one_sentence():
     assert split_sentences("1. Hold the button. It blinks.\n2. Release it.") == \
         ["1. Hold the button.", "It blinks.", "2. Release it."]
     assert split_sentences("The K5 holds 1.7 litres. Version 2. Done.") == ["The K5 holds 1.7 litres.", "Version 2.", "Done."]
+
+
+def test_stems_meet_plural_and_third_person_forms():
+    from kefu.shared.text import stem
+
+    assert [stem(w) for w in ("needs", "batteries", "boxes", "days", "charges")] == \
+        ["need", "battery", "box", "day", "charge"]
+    assert [stem(w) for w in ("glass", "status", "this", "x100", "gas", "电池")] == \
+        ["glass", "status", "this", "x100", "gas", "电池"]

@@ -243,3 +243,53 @@ def test_a_page_whose_title_names_the_concept_asked_about_answers_it():
     holiday = Passage("holiday", "Spring Festival Schedule", "Online chat stays available.", score=1.0)
     contact = Passage("cs", "Contacting Customer Service", "Online chat answers 24 hours a day.", score=0.8)
     assert best_evidence("客服在线聊天几点有人？", [holiday, contact], ("online", "chat")).doc_id == "cs"
+
+
+def test_the_question_is_also_searched_in_the_other_languages_words():
+    from kefu.dialogue.policy import bridge_query
+
+    zh = bridge_query("How long does a refund to Alipay take?", [])
+    assert "退款" in zh.split() and "支付宝" in zh.split() and "refund" not in zh
+    en = bridge_query("K5 保修多久", ["kettle"]).split()
+    assert en[0] == "K5" and "warranty" in en and "kettle" in en and "保修" not in en
+    assert bridge_query("hello there", []) == ""  # nothing to say in the other language: no second search
+
+
+def test_passages_found_in_the_other_language_join_without_displacing_the_questions_own():
+    from kefu.dialogue.policy import BRIDGE_PASSAGES, with_bridge
+
+    own = [Passage(f"en-{i}", "t", "x", score=1.0) for i in range(3)]
+    bridged = [Passage("en-0", "t", "same document"), *(Passage(f"zh-{i}", "t", "y", score=0.8) for i in range(6))]
+    out = with_bridge(own, bridged)
+    assert [p.doc_id for p in out if p.doc_id.startswith("en")] == ["en-0", "en-1", "en-2"]  # all kept, in order
+    assert [p.doc_id for p in out][:3] == ["en-0", "zh-0", "en-1"]
+    assert len(out) == 3 + BRIDGE_PASSAGES and all(p.score == 0.4 for p in out if p.doc_id.startswith("zh"))
+
+
+def test_words_meet_whatever_their_plural_or_hyphen():
+    wp = Passage("wp", "WP-800 Water Purifier", "- Pure water flow: about 2.1 litres per minute\n"
+                 "- Needs an under-sink cabinet at least 45 cm wide and a power socket within 1.5 m")
+    assert "45 cm" in best_evidence("WP-800 How much space does it need under the sink?", [wp]).sentence
+
+
+def test_a_spec_line_whose_label_is_asked_about_answers_it():
+    codes = Passage("codes", "K7 Kettle Display Codes", "If boiling takes longer, add 1 tablespoon of citric acid to "
+                    "1 litre of water, boil, leave for 30 minutes and rinse.", score=0.9)
+    specs = Passage("k7", "K7 智能控温电热水壶", "- 容量：1.7 升\n- 功率：1800W", score=1.0)
+    assert best_evidence("I meant the K7 - how many litres is that one?", [codes, specs]).sentence == "容量：1.7 升"
+
+
+def test_what_to_do_about_a_problem_is_not_answered_with_the_pairing_steps():
+    pairing = Passage("eb", "EB-20 配对与重置", "1. 将两只耳机放入充电盒。\n2. 长按功能键 3 秒。\n3. 在手机蓝牙列表中选择 EB-20。",
+                      heading="首次配对")
+    reset = Passage("eb", "EB-20 配对与重置", "如果出现只有一只耳机有声音、无法回连等问题，可以重置：长按功能键 10 秒。",
+                    heading="恢复出厂设置")
+    assert "10 秒" in best_evidence("EB-20 只有一边有声音怎么办？", [pairing, reset]).sentence
+    assert best_evidence("EB-20 怎么配对？", [pairing, reset]).sentence.startswith("1. 将两只耳机")
+
+
+def test_a_question_about_the_shops_rule_for_a_product_is_answered_by_the_rule():
+    kettle = Passage("k5", "K5 电热水壶", "K5 整机保修 1 年。", score=1.0)
+    policy = Passage("warranty", "保修政策", "申请保修时只需提供订单号，无需纸质发票。", score=0.4)
+    assert best_evidence("K5 保修期内坏了要发票吗？", [policy, kettle]).doc_id == "warranty"
+    assert best_evidence("K5 保修多久？", [policy, kettle]).doc_id == "k5"  # about the product itself

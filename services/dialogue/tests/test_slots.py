@@ -136,3 +136,14 @@ def test_shorter_order_numbers_count_when_the_message_says_so_or_is_only_the_num
     # Numbers without the word are not orders: a price, a phone, a quantity.
     assert "order_id" not in extract("X100 costs 3299 yuan, call 13812345678", now)
     assert extract("13812345678", now) == {"phone": "13812345678"}
+
+
+def test_a_question_of_nothing_of_its_own_is_about_what_was_just_asked():
+    previous = "How do I add a gift card to my account?"
+    assert rewrite("Is there a limit on how many I can add?", {}, previous) == \
+        "How do I add a gift card to my account? Is there a limit on how many I can add?"
+    assert rewrite("只有一边有声音怎么办？", {"product": "EB-20"}, "EB-20 怎么连第二台手机？") == "EB-20 只有一边有声音怎么办？"
+    assert rewrite("好的，谢谢", {"product": "EB-20"}, "EB-20 怎么连第二台手机？") == "好的，谢谢"  # not a question
+    # "What about ...?" leans on the whole previous question, not only its product.
+    assert rewrite("What about the case?", {"product": "EB-20"}, "EB-20 If I lose one, what does it cost?") == \
+        "EB-20 If I lose one, what does it cost? What about the case?"

@@ -20,8 +20,13 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "warranty": ("保修", "质保", "保固", "维修", "warranty", "guarantee", "repair"),
     "battery": ("电池", "续航", "电量", "毫安", "battery", "mah", "runtime"),
     "charging": ("充电", "快充", "充电器", "charging", "charger", "charge"),
-    "shipping": ("发货", "配送", "快递", "运费", "送达", "包邮", "物流", "shipping", "ship", "ships", "delivery",
-                 "deliver", "courier", "dispatch", "dispatched", "shipped", "gone out", "sent out", "发出"),
+    "shipping": ("发货", "配送", "快递", "运费", "送达", "包邮", "物流", "包裹", "shipping", "ship", "ships", "delivery",
+                 "deliver", "courier", "dispatch", "dispatched", "shipped", "gone out", "sent out", "发出", "parcel"),
+    "tracking": ("查物流", "物流信息", "物流轨迹", "快递到哪", "到哪了", "运单号", "tracking", "track my", "tracking number",
+                 "where is my order", "where's my order", "where is my parcel"),
+    "lost": ("丢件", "丢了", "丢失", "遗失", "lost", "missing", "never arrived"),
+    "damaged": ("压坏", "破损", "损坏", "摔坏", "压扁", "damaged", "damage", "crushed", "dented"),
+    "pickup": ("自提", "到店取", "门店取货", "pick up", "pickup", "collect in store", "click and collect"),
     "returns": ("退货", "退款", "退换", "无理由", "return", "returns", "refund", "refunds"),
     # A new unit instead of the faulty one (换货), not money back.
     "exchange": ("换货", "换新", "换一台", "换个新的", "exchange", "replacement", "replace it", "new one", "new unit",
@@ -43,11 +48,33 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "weight": ("重量", "多重", "weight", "weigh", "weighs", "grams"),
     "capacity": ("容量", "几升", "多少水", "装多少", "capacity", "litre", "litres", "liter", "liters", "hold",
                  "holds"),
-    "payment": ("支付", "付款", "分期", "支付宝", "微信支付", "pay", "payment", "alipay", "wechat", "installment",
-                "installments", "paid", "paying", "split the payment", "split it", "monthly", "per month", "每月", "月供"),
+    "payment": ("支付", "付款", "支付宝", "微信支付", "云闪付", "pay", "payment", "alipay", "wechat", "paid", "paying"),
+    "installment": ("分期", "月供", "花呗分期", "installment", "installments", "split the payment", "split it", "monthly",
+                    "per month", "a month"),
+    "cod": ("货到付款", "cash on delivery", "pay on delivery", "cod"),
+    "giftcard": ("礼品卡", "购物卡", "储值卡", "gift card", "gift-card", "giftcard"),
+    "balance": ("余额", "balance"),
+    "bind": ("绑定", "绑卡", "add to my account", "add it to my account", "add a gift card", "link to my account",
+             "redeem"),
+    "coupon": ("优惠券", "券", "满减", "coupon", "voucher"),
+    "price_protection": ("价格保护", "价保", "差价", "降价", "price protection", "price drop", "price dropped",
+                         "cheaper", "the difference", "price difference"),
+    "trade_in": ("以旧换新", "换购", "旧机", "旧手机", "回收", "补贴", "trade-in", "trade in", "trading in", "old phone",
+                 "old device", "bonus"),
+    "student": ("学生", "学生证", "student", "uni student", "university student"),
     "invoice": ("发票", "开票", "invoice", "receipt", "fapiao"),
     "location": ("地址", "在哪", "在哪里", "位置", "门店", "address", "where", "location", "store"),
     "membership": ("会员", "积分", "member", "membership", "points"),
+    "account": ("账号", "账户", "帐号", "帐户", "account"),
+    "password": ("密码", "password", "passcode"),
+    "forgot": ("re:忘(?:记|了)?[^，。？?]{0,4}密码|密码忘", "forgot password", "forgot my password", "forgotten password",
+               "reset my password", "reset the password", "new password"),
+    "order_number": ("订单号", "单号", "订单编号", "order number", "order no", "reference number", "tracking number"),
+    "verification": ("验证码", "短信验证码", "verification code", "sms code", "6-digit code"),
+    "locked": ("锁定", "被锁", "冻结", "locked", "locked out"),
+    "deletion": ("注销", "删除账号", "delete my account", "delete account", "deleting your account", "close my account"),
+    "reset": ("重置", "恢复出厂", "复位", "reset", "factory reset"),
+    "installation": ("安装", "上门安装", "装机", "install", "installation", "installed"),
     # Membership tiers: "金卡" is the "Gold" line of an English table.
     "tier_regular": ("普通会员", "regular member", "regular tier", "regular:"),
     "tier_silver": ("银卡", "白银", "silver"),
@@ -58,8 +85,13 @@ CONCEPTS: dict[str, tuple[str, ...]] = {
     "waterproof": ("防水", "游泳", "waterproof", "water resistance", "water-resistant", "ip68", "ip67", "ip54",
                    "swimming", "swim"),
     "temperature": ("温度", "保温", "temperature", "°c", "degrees", "keep warm"),
-    "deposit": ("定金", "订金", "预订", "预售", "尾款", "补款", "deposit", "pre-order", "preorder", "balance",
-                "left to pay", "remaining payment", "final payment", "rest of the payment", "pay the rest"),
+    "deposit": ("定金", "订金", "预订", "预售", "尾款", "补款", "deposit", "pre-order", "preorder", "left to pay",
+                "remaining payment", "final payment", "rest of the payment", "pay the rest"),
+    "noise": ("降噪", "噪音", "分贝", "静音", "noise", "noise cancellation", "noise cancelling", "anc", "decibel", "db"),
+    "suction": ("吸力", "suction"),
+    "height": ("高度", "多高", "机身高度", "厚度", "how tall", "height", "tall"),
+    "dock": ("集尘", "集尘座", "基站", "dock", "base station", "self-emptying", "auto-empty"),
+    "pairing": ("配对", "蓝牙", "回连", "pair", "pairing", "bluetooth"),
     "coverage": ("覆盖", "平方米", "面积", "多大的房", "适合多大", "coverage", "cover", "square metres", "square meters",
                  "m²", "㎡", "room size", "how big a room", "rooms up to"),
     "filter": ("滤芯", "滤网", "filter", "filters", "cartridge"),
@@ -107,6 +139,10 @@ ENTITY_GROUPS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
 }
 
 
+# Every alternative of every group: who or where a question is about, not what it asks.
+ENTITY_NAMES = frozenset(name for names, _ in ENTITY_GROUPS.values() for name in names)
+
+
 def entity(text: str, group: str) -> str:
     """The one alternative of ``group`` that ``text`` names ("tier_gold"), or "" (none, or several)."""
     names = concepts(text) & set(ENTITY_GROUPS[group][0])
@@ -130,7 +166,8 @@ def entity_words(name: str) -> str:
 
 PRODUCT_ATTRIBUTES = frozenset({"price", "warranty", "battery", "charging", "screen", "weight", "capacity", "camera",
                                 "wireless", "waterproof", "temperature", "coverage", "filter", "light", "obstacle",
-                                "runtime", "mesh"})
+                                "runtime", "mesh", "noise", "suction", "height", "dock", "pairing", "flicker",
+                                "installation", "reset"})
 
 
 def _pattern(words: tuple[str, ...]) -> re.Pattern[str]:

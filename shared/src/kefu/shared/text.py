@@ -101,6 +101,23 @@ def content_tokens(text: str) -> frozenset[str]:
     return frozenset(t for t in tokenize(text, split_codes=False) if t not in STOPWORDS)
 
 
+_S_STEM = re.compile(r"[a-z]{4,}")
+
+
+@functools.lru_cache(maxsize=16384)
+def stem(token: str) -> str:
+    """An English word without its plural or third-person "s" ("needs" -> "need", "batteries" -> "battery",
+    "boxes" -> "box"), so that a question and a sentence that put a word differently still meet. Other
+    tokens (codes, Chinese, short words, "glass", "status") are returned as they are."""
+    if not _S_STEM.fullmatch(token) or token.endswith(("ss", "us", "is")) or not token.endswith("s"):
+        return token
+    if token.endswith("ies") and len(token) > 4:
+        return token[:-3] + "y"
+    if token.endswith(("ches", "shes", "xes", "zes", "sses")):
+        return token[:-2]
+    return token[:-1]
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of mixed Chinese and English text; decimals like 1.7 stay whole, and so does a numbered
     step ("1. Hold the button.")."""

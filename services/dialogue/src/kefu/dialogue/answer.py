@@ -3,6 +3,7 @@ extractive fallback. The decisions are in kefu.dialogue.policy; this module does
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -24,6 +25,7 @@ from kefu.dialogue.policy import (
     Evidence,
     Passage,
     best_evidence,
+    bridge_query,
     build_messages,
     cited,
     lang,
@@ -31,6 +33,7 @@ from kefu.dialogue.policy import (
     split_complete,
     upset,
     wants_human,
+    with_bridge,
 )
 from kefu.dialogue.state import Provenance
 from kefu.proto.bus.v1 import llm_pb2, retrieval_pb2
@@ -140,16 +143,34 @@ class Answerer:
         # than the question's own words in the keyword lane.
         glossed = self.gloss(query) if self.gloss else []
         keywords = list(dict.fromkeys(expansions(query) + glossed))
-        found = await self.bus.request(
+        s = self.settings
+        search = self.bus.request(
             "kefu.retrieval.search",
-            retrieval_pb2.SearchRequest(tenant=tenant, query=query, k=self.settings.search_k, min_kb_seq=kb_min_seq,
-                                        keywords=keywords, expand_docs=self.settings.expand_docs),
-            retrieval_pb2.SearchReply, timeout=self.settings.search_timeout,
+            retrieval_pb2.SearchRequest(tenant=tenant, query=query, k=s.search_k, min_kb_seq=kb_min_seq,
+                                        keywords=keywords, expand_docs=s.expand_docs),
+            retrieval_pb2.SearchReply, timeout=s.search_timeout,
         )
-        passages = [Passage(h.doc_id, h.title, h.text, h.score, h.heading) for h in found.hits]
-        prov = Provenance(query=query, keywords=tuple(keywords), chunk_ids=tuple(h.chunk_id for h in found.hits),
-                          versions=tuple(h.version for h in found.hits),
-                          scores=tuple(round(h.score, 6) for h in found.hits))
+        # The question in the other language's words, searched at the same time: the page that answers may
+        # be written in the other language.
+        bridge = bridge_query(query, glossed)
+        if bridge:
+            found, bridged = await asyncio.gather(search, self.bus.request(
+                "kefu.retrieval.search",
+                retrieval_pb2.SearchRequest(tenant=tenant, query=bridge, k=s.search_k, min_kb_seq=kb_min_seq),
+                retrieval_pb2.SearchReply, timeout=s.search_timeout), return_exceptions=True)
+            if isinstance(found, BaseException):
+                raise found
+            if isinstance(bridged, BaseException):
+                log.info("bridge search failed", error=str(bridged))  # the question's own search answers
+                bridged = retrieval_pb2.SearchReply()
+        else:
+            found, bridged = await search, retrieval_pb2.SearchReply()
+        passages = with_bridge([Passage(h.doc_id, h.title, h.text, h.score, h.heading) for h in found.hits],
+                               [Passage(h.doc_id, h.title, h.text, h.score, h.heading) for h in bridged.hits])
+        by_text = {(h.doc_id, h.text): h for h in [*bridged.hits, *found.hits]}
+        hits = [by_text[(p.doc_id, p.text)] for p in passages]
+        prov = Provenance(query=query, keywords=tuple(keywords), chunk_ids=tuple(h.chunk_id for h in hits),
+                          versions=tuple(h.version for h in hits), scores=tuple(round(p.score, 6) for p in passages))
         evidence = best_evidence(query, passages, tuple(glossed), focus=text)
         if evidence is None:
             return Answer(NO_ANSWER_TEXT[lang(text)], "kb", provenance=replace(prov, decision="no_answer"))

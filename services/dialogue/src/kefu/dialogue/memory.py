@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 from kefu.dialogue.slots import product_names, products
 from kefu.dialogue.state import State, Turn
-from kefu.shared.lexicon import ENTITY_GROUPS, concepts
+from kefu.shared.lexicon import ENTITY_NAMES, concepts
 from kefu.shared.text import content_tokens, has_cjk
 
 RECENT_EXCHANGES = 2
-_ENTITIES = frozenset(name for names, _ in ENTITY_GROUPS.values() for name in names)
 # The memory is made from this many latest turns, so its cost does not grow with the conversation
 # (the three most recent topics are almost always among them; the slots remember the rest).
 WINDOW_TURNS = 240
@@ -126,7 +125,7 @@ def _topic_of(question: str) -> str:
     if named:
         return named[-1]
     # What it asks about ("hours"), not whose ("city_shenzhen", "tier_gold"), unless that is all it names.
-    asked = sorted(concepts(question) - _ENTITIES) or sorted(concepts(question))
+    asked = sorted(concepts(question) - ENTITY_NAMES) or sorted(concepts(question))
     return asked[0] if asked else ""
 
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kefu.dialogue.slots import products, ruled_out
-from kefu.shared.lexicon import concepts, entities, expansions
-from kefu.shared.text import content_tokens, facts, has_cjk, identifiers, query_tokens, split_sentences
+from kefu.shared.lexicon import ENTITY_NAMES, PRODUCT_ATTRIBUTES, concepts, entities, expansions
+from kefu.shared.text import (
+    STOPWORDS,
+    content_tokens,
+    facts,
+    has_cjk,
+    identifiers,
+    query_tokens,
+    split_sentences,
+    stem,
+)
 
 _HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|^\s*人工\s*[。！!]?\s*$")
 _HANDOFF_EN = re.compile(
@@ -32,10 +41,14 @@ _EARLIER_WEIGHT = 0.3
 _SYNONYM_WEIGHT = 0.5
 _CODE_WEIGHT = 2.0
 _TITLE_MATCH = 1.5
+_CITY_IDENTITY = 3.0
 _TITLE_SHARE = 0.5
 # A sentence with what the question asks for: a number of the unit it counts in ("几台" -> "4 台", "how many
 # days" -> "14 天"), a phone number, an email address.
 _SHAPE_WEIGHT = 1.5
+# A spec line whose label is what the question asks about ("容量：1.7 升" for "how many litres").
+_LABEL_WEIGHT = 1.0
+_LABEL = re.compile(r"^\s*(?:[-*•]\s*)?([^:：\d]{1,20})[:：]")
 # A sentence of this few words is shown with its section's heading.
 _TERSE = 3
 # A question whose answer is a number, a time or a date.
@@ -169,13 +182,25 @@ def _weighted_overlap(query: set[str], text: str, title_tokens: set[str], earlie
     # ``chinese``: the query's Chinese words of two characters or more, when the caller has them already.
     if chinese is None:
         chinese = _chinese_words(query)
-    hit = (query & content_tokens(text)) | {w for w in chinese if w in text}
+    hit = (query & _terms(text)) | {w for w in chinese if w in text}
     if len(hit) > 1:
         # A Chinese word counts once, not again for each shorter word jieba also found in it ("空气净化器",
         # "净化器", "空气").
         hit = {t for t in hit if not (has_cjk(t) and any(t != u and t in u for u in hit))}
     return sum(_TITLE_WEIGHT if t in title_tokens else _EARLIER_WEIGHT if t in earlier
                else _SYNONYM_WEIGHT if t in synonyms else 1.0 for t in hit)
+
+
+@functools.lru_cache(maxsize=16384)
+def _terms(text: str) -> frozenset[str]:
+    """The words of ``text`` that evidence is matched on: its meaningful tokens, English ones without their
+    plural "s" ("needs" meets "need"), and the parts of a hyphenated word ("under-sink" meets "sink")."""
+    out = set()
+    for t in content_tokens(text):
+        out.add(stem(t))
+        if "-" in t and all(part.isalpha() for part in t.split("-")):
+            out.update(stem(part) for part in t.split("-") if part not in STOPWORDS)
+    return frozenset(out)
 
 
 def _chinese_words(tokens: set[str]) -> tuple[str, ...]:
@@ -222,17 +247,44 @@ def _sentence_facts(sentence: str) -> frozenset[str]:
     return facts(_BULLET.sub("", sentence))
 
 
+# Passages of other documents that the question put in the other language's words finds, after the
+# question's own, and how much less their retrieval score counts.
+BRIDGE_PASSAGES = 4
+_BRIDGE_SCORE = 0.5
+
+
+def bridge_query(query: str, glossed: list[str]) -> str:
+    """``query`` in the other language's words: the words its concepts have there and its gloss, with
+    its codes. Searched beside the question, it finds the page in the other language that shares no word
+    with the question (and that an English-only embedder cannot place). "" when there is nothing to say
+    that way."""
+    chinese = has_cjk(query)
+    words = [w for w in dict.fromkeys(expansions(query) + glossed) if has_cjk(w) != chinese]
+    return " ".join([*sorted(identifiers(query)), *words]) if words else ""
+
+
+def with_bridge(passages: list[Passage], bridged: list[Passage]) -> list[Passage]:
+    """``passages`` and after them the first BRIDGE_PASSAGES of ``bridged`` from other documents, their
+    scores discounted: they support the question's own search, never outrank it."""
+    seen = {p.doc_id for p in passages}
+    extra = [replace(p, score=p.score * _BRIDGE_SCORE) for p in bridged if p.doc_id not in seen][:BRIDGE_PASSAGES]
+    out = list(passages)
+    for i, p in enumerate(extra):
+        out.insert(min(2 * i + 1, len(out)), p)
+    return out
+
+
 def _question_tokens(query: str) -> set[str]:
     """The question's meaningful words plus the other words of the concepts it asks about, so "how much"
     meets "Price:" and "电池" meets "battery"."""
     extra = expansions(query)
-    return _words(query) | set(query_tokens(" ".join(extra)))
+    return _words(query) | {stem(t) for t in query_tokens(" ".join(extra))}
 
 
 def _words(text: str) -> set[str]:
     """The meaningful tokens of ``text`` without the single Chinese characters of its longer words: a
     question's "路由器" should meet "路由" in a sentence, not count again for "路" and "由"."""
-    tokens = content_tokens(text)
+    tokens = _terms(text)
     covered = {ch for t in tokens if len(t) > 1 and has_cjk(t) for ch in t}
     return {t for t in tokens if not (len(t) == 1 and t in covered)}
 
@@ -256,16 +308,19 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     # Words only of earlier turns weigh half of the visitor's own words of this turn.
     earlier = frozenset(q - _question_tokens(focus)) if focus and focus != query else frozenset()
     # Words of the other language (a gloss) help a little, never as much as the question's own.
-    glossed = frozenset(query_tokens(" ".join(extra))) - q if extra else frozenset()
+    glossed = frozenset(stem(t) for t in query_tokens(" ".join(extra))) - q if extra else frozenset()
     # Concepts of this turn count fully, those only of the earlier turns it was rewritten with, less.
     asked = concepts(query)
     now = concepts(focus) if focus else asked
     named = products(query)
     # The product's name identifies the document (``identity``); it is not what the question asks.
-    name_tokens = frozenset(t for name in named for t in content_tokens(name))
+    name_tokens = frozenset(t for name in named for t in _terms(name))
     quantity = asks_quantity(query)
     shape = answer_shape(focus or query)
     cities = entities(query, "city")
+    # A question about the shop's rules for a product ("K5 保修期内坏了要发票吗？", "my K7 stopped heating, can I get
+    # a new one?") is answered by the rule's page as much as by the product's.
+    product_say = 0.5 if now - PRODUCT_ATTRIBUTES - ENTITY_NAMES else 1.0
     # A product the question rules out ("not the X200") is another product, not a code it asks about.
     codes = identifiers(query) - {c for name in ruled_out(query) for c in identifiers(name)}
     # Codes that are not the product: error codes, order numbers, SKUs. A sentence with one answers.
@@ -275,24 +330,26 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     chinese = _chinese_words(q)
     synonyms = frozenset(q - _words(query))
     for rank, p in enumerate(passages):
-        title_tokens = content_tokens(p.title) | name_tokens
+        title_tokens = _terms(p.title) | name_tokens
         about = products(p.title)
         # +2 when the document is about the named product, -2 when it is about another one; otherwise,
         # a document whose title the question names (in either language: "北京中关村店" and "Beijing
         # Zhongguancun Store") is the one asked about.
-        identity = 0.0 if not named or not about else (2.0 if named & about else -2.0)
-        # The same for the city a store's page is about ("深圳华强北店" for "你们深圳门店").
+        identity = 0.0 if not named or not about else (2.0 if named & about else -2.0) * product_say
+        # The same, and more, for the city a store's page is about ("深圳华强北店" for "你们深圳门店"): a
+        # question that names the city is about that city's store, never another's.
         if cities and (at := entities(p.title, "city")):
-            identity += 2.0 if cities & at else -2.0
-        if not identity and (raw_title := content_tokens(p.title)):
-            share = len(raw_title & (q | glossed)) / len(raw_title)
+            identity += _CITY_IDENTITY if cities & at else -_CITY_IDENTITY
+        if not identity and (raw_title := _terms(p.title)):
+            # Named by the question's own words (or their gloss), not by the synonyms it was widened with.
+            share = len(raw_title & ((q - synonyms) | glossed)) / len(raw_title)
             identity = _TITLE_MATCH * share if share >= _TITLE_SHARE else 0.0
         prior = p.score / top + 1.0 / (1 + rank)
         for sentence, answer in _sentences(p.text):
             if sentence.rstrip().endswith(("?", "？")):
                 continue  # a question (an FAQ's own, say) is not an answer
             own = (_weighted_overlap(q, sentence, title_tokens, earlier, chinese, synonyms)
-                   + 0.5 * len(glossed & content_tokens(sentence)))
+                   + 0.5 * len(glossed & _terms(sentence)))
             said = concepts(sentence) | concepts(p.heading) | concepts(p.title)
             covered = len(now & said) + _EARLIER_WEIGHT * len((asked - now) & said)
             mentioned = products(sentence)
@@ -314,6 +371,8 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
             score += _CODE_WEIGHT * len(asked_codes & identifiers(sentence))
             if shape is not None and shape.search(sentence):
                 score += _SHAPE_WEIGHT
+            if (label := _LABEL.match(sentence)) and concepts(label.group(1)) & now:
+                score += _LABEL_WEIGHT
             if quantity and not any(f[0].isdigit() for f in _sentence_facts(sentence)):
                 score -= _NO_QUANTITY_PENALTY  # "多大", "how long": the answer has a number in it
             # Ties go to the better-ranked passage.
@@ -337,8 +396,8 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     return best[1] if best else None
 
 
-_HOW = re.compile(r"怎么|怎样|如何|步骤|怎么办|\bhow (do|can|to|should|would)\b|\bsteps?\b|\bwhat (should|do) i do\b",
-                  re.I)
+# "怎么办" / "what should I do" ask what to do about a problem, not for a procedure's steps.
+_HOW = re.compile(r"怎么(?!办|回事)|怎样|如何|步骤|\bhow (do|can|to|should|would)\b|\bsteps?\b", re.I)
 _STEP = re.compile(r"^\s*(\d{1,2})[.、)]\s*\S")
 MAX_STEPS = 8
 

@@ -131,6 +131,17 @@ def elliptical(text: str) -> bool:
                                                     not _PRODUCT.search(normalized))
 
 
+_QUESTION = re.compile(r"[?？]\s*$|吗|呢|怎么|多少|几|哪|什么|是否|能不能|可不可以|有没有|"
+                       r"^\s*(?:is|are|can|could|do|does|will|would|how|what|when|where|which|why)\b", re.I)
+
+
+def leans_on(text: str) -> bool:
+    """A question that names nothing of its own (no product, code or concept): "Is there a limit on how many
+    I can add?", "只有一边有声音怎么办？". In a conversation it is about what was just asked about."""
+    normalized = unicodedata.normalize("NFKC", text)
+    return bool(_QUESTION.search(normalized)) and not _PRODUCT.search(normalized) and not concepts(text)
+
+
 # "换个问题，", "另外问一下，", "Different question:", "By the way,": what follows is a new topic.
 _TOPIC_CHANGE = re.compile(
     r"^\s*(?:换个问题|换个话题|另外(?:问一下|想问|再问)?|还有个问题|还有一个问题|对了|顺便问一下|顺便问下|"
@@ -182,6 +193,9 @@ def rewrite(text: str, slots: dict[str, str], previous: str = "") -> str:
         return f"{product} {text}"
     if previous and elliptical(text):
         return f"{_tail(previous)} {text}"
+    # A question of nothing of its own is about the product talked about, else about the last question's.
+    if leans_on(text) and (product or previous):
+        return f"{product or _tail(previous)} {text}"
     # "生日券有多少？" from a visitor who said they are 金卡: the remembered tier goes with it.
     for group, (names, topics) in ENTITY_GROUPS.items():
         value = slots.get(group)
