@@ -47,6 +47,16 @@ async def test_hybrid_search_tenants_updates_and_deletes(stack, bus, unique):
     assert all(h.doc_id != "kettle" for h in (await search(bus, tenant, "kettle", min_seq=seq)).hits)
 
 
+async def test_a_keywords_only_search_skips_the_embedding(stack, bus, unique):
+    tenant = unique("kw")
+    seq = await put(bus, tenant, "kettle", "Kettle", "The kettle boils water in three minutes.")
+    both = (await search(bus, tenant, "kettle boils water", min_seq=seq)).hits
+    assert both[0].doc_id == "kettle" and both[0].dense > 0
+    keywords = (await bus.request("kefu.retrieval.search", retrieval_pb2.SearchRequest(
+        tenant=tenant, query="kettle boils water", k=5, keywords_only=True), retrieval_pb2.SearchReply, timeout=20)).hits
+    assert keywords[0].doc_id == "kettle" and keywords[0].lexical > 0 and all(h.dense == 0 for h in keywords)
+
+
 async def test_a_new_document_is_searchable_right_after_its_ack(stack, bus, unique):
     tenant = unique("fresh")
     t0 = time.perf_counter()

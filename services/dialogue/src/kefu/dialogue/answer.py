@@ -150,13 +150,14 @@ class Answerer:
                                         keywords=keywords, expand_docs=s.expand_docs),
             retrieval_pb2.SearchReply, timeout=s.search_timeout,
         )
-        # The question in the other language's words, searched at the same time: the page that answers may
-        # be written in the other language.
+        # The question in the other language's words, searched at the same time by keywords only (no second
+        # embedding): the page that answers may be written in the other language.
         bridge = bridge_query(query, glossed)
         if bridge:
             found, bridged = await asyncio.gather(search, self.bus.request(
                 "kefu.retrieval.search",
-                retrieval_pb2.SearchRequest(tenant=tenant, query=bridge, k=s.search_k, min_kb_seq=kb_min_seq),
+                retrieval_pb2.SearchRequest(tenant=tenant, query=bridge, k=s.search_k, min_kb_seq=kb_min_seq,
+                                            keywords_only=True),
                 retrieval_pb2.SearchReply, timeout=s.search_timeout), return_exceptions=True)
             if isinstance(found, BaseException):
                 raise found

@@ -23,7 +23,7 @@ from kefu.retrieval import snapshot
 from kefu.retrieval.chunking import Chunk, chunk_document
 from kefu.retrieval.embedder import Embedder
 from kefu.retrieval.index import TenantIndex, lane_weights
-from kefu.shared import text
+from kefu.shared import metrics, text
 from kefu.shared.bus import Bus, decode, ensure_stream
 from kefu.shared.config import KefuSettings
 from kefu.shared.errors import BadRequest, KefuError, Unavailable
@@ -83,6 +83,9 @@ class RetrievalService(Service):
         self._inbox: asyncio.Queue[Msg] = asyncio.Queue(maxsize=4 * APPLY_BATCH)
         self.failed_docs = 0
         self._apply_lock = asyncio.Lock()
+        # Changes after this sequence arrived while the service ran: their freshness lag is measured
+        # (a replay of older ones at start-up would count the downtime).
+        self._live_from = 0
         self.dense_languages = self.settings.dense_languages()
 
     @property
@@ -100,6 +103,7 @@ class RetrievalService(Service):
         info = await bus.js.stream_info(STREAM_KB)
         created = str(info.created or "")
         await self._load_snapshot(created, info.state.last_seq)
+        self._live_from = info.state.last_seq
 
         applier = asyncio.create_task(self._apply_forever())
         stack.push_async_callback(self._stop_task, applier)
@@ -191,6 +195,16 @@ class RetrievalService(Service):
             async with self._applied:
                 self.applied_seq = max(self.applied_seq, batch[-1].metadata.sequence.stream)
                 self._applied.notify_all()
+            self._observe_freshness(batch)
+
+    def _observe_freshness(self, batch: list[Msg]) -> None:
+        """Time from each change's acknowledgement (its stream timestamp) to it being searchable."""
+        now = time.time()
+        lag = metrics.kb_freshness_lag()
+        for msg in batch:
+            meta = msg.metadata
+            if meta.sequence.stream > self._live_from:
+                lag.observe(max(0.0, now - meta.timestamp.timestamp()))
 
     async def apply_batch(self, msgs: list[Msg]) -> None:
         """Apply KB messages (upserts and tombstones) in order; the batch's chunks are embedded together."""
@@ -244,6 +258,8 @@ class RetrievalService(Service):
             return reply
         assert self.embedder is not None
         weights = lane_weights(req.query, self.dense_languages)
+        if req.keywords_only:
+            weights["dense"] = 0.0
         t0 = time.perf_counter()
         # No forward pass when the embedder does not read the query's language.
         vector = await self.embedder.encode_query(req.query) if weights["dense"] > 0 else None

@@ -92,6 +92,7 @@ class SearchRequest(_message.Message):
     MIN_KB_SEQ_FIELD_NUMBER: _builtins.int
     KEYWORDS_FIELD_NUMBER: _builtins.int
     EXPAND_DOCS_FIELD_NUMBER: _builtins.int
+    KEYWORDS_ONLY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     query: _builtins.str
     k: _builtins.int
@@ -100,6 +101,10 @@ class SearchRequest(_message.Message):
     expand_docs: _builtins.int
     """After the k hits, the other chunks of the best N documents (so an answer elsewhere in the document
     the question is about can still be found), with 0.9 times their document's best score.
+    """
+    keywords_only: _builtins.bool
+    """Only the keyword and identifier lanes, no embedding: a cheap second search (dialogue's question put
+    in the other language's words, which the embedder would place by noise).
     """
     @_builtins.property
     def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -114,10 +119,11 @@ class SearchRequest(_message.Message):
         min_kb_seq: _builtins.int = ...,
         keywords: _abc.Iterable[_builtins.str] | None = ...,
         expand_docs: _builtins.int = ...,
+        keywords_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expand_docs", b"expand_docs", "k", b"k", "keywords", b"keywords", "min_kb_seq", b"min_kb_seq", "query", b"query", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expand_docs", b"expand_docs", "k", b"k", "keywords", b"keywords", "keywords_only", b"keywords_only", "min_kb_seq", b"min_kb_seq", "query", b"query", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
