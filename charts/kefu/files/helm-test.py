@@ -77,6 +77,9 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (Failed, KeyError, ValueError) as exc:
-        print(f"helm test failed: {exc!r}", file=sys.stderr, flush=True)
+    except Failed as exc:
+        print(f"helm test failed: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except (KeyError, ValueError) as exc:  # an answer without the fields of the contract
+        print(f"helm test failed: unexpected answer: {exc!r}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -1,0 +1,227 @@
+"""What the chart renders, run for real: its NATS config on nats-server, the services started with the
+environment their Deployments give them (probed the way the kubelet would), and the helm test's script
+against the running stack."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kefu.shared.natsserver import die_with_parent, find_nats_server, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM = ROOT / ".tools" / "helm" / "helm"
+
+pytestmark = [pytest.mark.chart, pytest.mark.integration]
+
+
+def _load_lint():
+    spec = importlib.util.spec_from_file_location("chart_lint", ROOT / "tools" / "chart_lint.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+chart_lint = _load_lint()
+
+
+def render(*sets: str) -> list[dict[str, Any]]:
+    assert HELM.exists(), f"{HELM} is missing: `make .tools/helm/helm` (make test does it)"
+    return chart_lint.render(str(HELM), None, *(a for s in sets for a in ("--set", s)))
+
+
+def objects(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def _http(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def _pod_address() -> str:
+    """An address of this machine that is not loopback, as the kubelet reaches a pod on its IP; the
+    loopback address when the machine has no other."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+    return address if not address.startswith("127.") else "127.0.0.1"
+
+
+async def test_the_nats_config_runs_jetstream_on_a_real_nats_server(tmp_path: Path) -> None:
+    objs = render("nats.embedded.jetstream.maxFileStore=3Gi", "nats.embedded.maxPayload=8MB")
+    conf = objects(objs, "ConfigMap")["kefu-nats-config"]["data"]["nats.conf"]
+    client, monitor = free_port(), free_port()
+    # The pod's paths and ports, moved to this machine's.
+    conf = (conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
+                .replace("pid_file: /tmp/nats.pid", f"pid_file: {tmp_path / 'nats.pid'}")
+                .replace("port: 4222", f"port: {client}").replace("http_port: 8222", f"http_port: {monitor}"))
+    (tmp_path / "nats.conf").write_text(conf)
+    pod = objects(objs, "StatefulSet")["kefu-nats"]["spec"]["template"]["spec"]["containers"][0]
+    command = [find_nats_server(), *pod["command"][1:-1], str(tmp_path / "nats.conf")]
+    proc = await asyncio.create_subprocess_exec(*command, env={"SERVER_NAME": "kefu-nats-0"},
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                                                preexec_fn=die_with_parent)
+    try:
+        probes = {p: pod[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+        deadline = time.monotonic() + 20
+        while _http(f"http://127.0.0.1:{monitor}{probes['startupProbe']}")[0] != 200:
+            assert proc.returncode is None, (await proc.stderr.read()).decode()
+            assert time.monotonic() < deadline, "nats-server did not come up with the chart's config"
+            await asyncio.sleep(0.2)
+        for name, path in probes.items():
+            assert _http(f"http://127.0.0.1:{monitor}{path}") == (200, '{"status":"ok"}'), name
+        varz = json.loads(_http(f"http://127.0.0.1:{monitor}/varz")[1])
+        assert varz["server_name"] == "kefu-nats-0" and varz["max_payload"] == 8 * 1024 * 1024
+        jsz = json.loads(_http(f"http://127.0.0.1:{monitor}/jsz")[1])
+        assert jsz["config"]["max_storage"] == 3 * 1024**3 and jsz["config"]["max_memory"] == 256 * 1024**2
+        # The preStop hook's lame-duck signal finds the server through the pid file.
+        assert int((tmp_path / "nats.pid").read_text()) == proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+def _resolve_env(objs: list[dict[str, Any]], container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """The environment the kubelet would give the container: values, Secret keys, the pod's name."""
+    secrets = {name: obj.get("data", {}) for name, obj in objects(objs, "Secret").items()}
+    out = {}
+    for e in container["env"]:
+        source = e.get("valueFrom")
+        if source is None:
+            out[e["name"]] = e["value"]
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "metadata.name"
+            out[e["name"]] = pod_name
+        else:
+            ref = source["secretKeyRef"]
+            data = secrets[ref["name"]]
+            if ref["key"] in data:
+                out[e["name"]] = base64.b64decode(data[ref["key"]]).decode()
+            else:
+                assert ref.get("optional"), f"{e['name']}: Secret {ref['name']} has no key {ref['key']}"
+    return out
+
+
+async def _grpc_serving(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_services_start_with_their_deployments_environment_and_pass_their_probes(
+        nats_url: str, tmp_path: Path) -> None:
+    objs = render()
+    host = _pod_address()
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    ports: dict[str, dict[Any, int]] = {}
+    probes: dict[str, dict[str, Any]] = {}
+    try:
+        for service in ("gateway", "dialogue", "plugins"):
+            container = objects(objs, "Deployment")[f"kefu-{service}"]["spec"]["template"]["spec"]["containers"][0]
+            env = _resolve_env(objs, container, f"kefu-{service}-7d9f-abcde")
+            # Each container port of the pod on a free port here (other tests and runs share this machine).
+            mapping = {p["containerPort"]: free_port() for p in container["ports"]}
+            ports[service] = {**mapping, **{p["name"]: mapping[p["containerPort"]] for p in container["ports"]}}
+            for key in ("KEFU_METRICS_PORT", "KEFU_HTTP_PORT", "KEFU_GRPC_PORT"):
+                if key in env:
+                    env[key] = str(mapping[int(env[key])])
+            env.update(KEFU_NATS_URL=nats_url, KEFU_DATA_DIR=str(tmp_path / service), KEFU_LOG_LEVEL="warning",
+                       PATH=os.environ["PATH"], HOME=str(tmp_path))
+            probes[service] = container
+            procs[service] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", f"kefu.{service}", env=env, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+
+        async def probe(service: str, kind: str) -> bool:
+            spec = probes[service][kind]
+            if "grpc" in spec:
+                return await _grpc_serving(f"{host}:{ports[service][spec['grpc']['port']]}")
+            get = spec["httpGet"]
+            status, _ = await asyncio.to_thread(_http, f"http://{host}:{ports[service][get['port']]}{get['path']}")
+            return status == 200
+
+        deadline = time.monotonic() + 90
+        for service, proc in procs.items():
+            while not await probe(service, "startupProbe"):
+                if proc.returncode is not None or time.monotonic() > deadline:
+                    err = (await proc.stderr.read()).decode() if proc.returncode is not None else "(still running)"
+                    pytest.fail(f"{service} never passed its startup probe: {err[-3000:]}")
+                await asyncio.sleep(0.3)
+            for kind in ("readinessProbe", "livenessProbe"):
+                assert await probe(service, kind), f"{service}: {kind} fails"
+            status, text = await asyncio.to_thread(_http, f"http://{host}:{ports[service]['metrics']}/metrics")
+            assert status == 200 and "kefu_errors_total" in text, service
+        status, text = await asyncio.to_thread(_http, f"http://{host}:{ports['gateway']['metrics']}/metrics")
+        assert "kefu_http_requests_total" in text
+        # The gateway took the admin token the chart's Secret holds.
+        token = base64.b64decode(objects(objs, "Secret")["kefu-secrets"]["data"]["admin-token"]).decode()
+        req = urllib.request.Request(f"http://{host}:{ports['gateway']['http']}/v1/tenants/t/search?q=x",
+                                     headers={"Authorization": "Bearer wrong"})
+        assert (await asyncio.to_thread(_status, req)) in (401, 403)
+        req.headers["Authorization"] = f"Bearer {token}"
+        assert (await asyncio.to_thread(_status, req)) not in (401, 403)
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for service, proc in procs.items():
+            # Within the pod's terminationGracePeriodSeconds, cleanly.
+            grace = objects(objs, "Deployment")[f"kefu-{service}"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            code = await asyncio.wait_for(proc.wait(), grace)
+            assert code == 0, f"{service} exited {code} on SIGTERM"
+
+
+def _status(req: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.model
+async def test_the_helm_test_pods_script_passes_against_a_running_stack(stack: Any, unique: Any) -> None:
+    pod = objects(render(), "Pod")["kefu-test"]["spec"]["containers"][0]
+    assert pod["command"] == ["python", "-c"]
+    script = pod["args"][0]
+    env = {"PATH": os.environ["PATH"], "KEFU_URL": stack.http, "KEFU_ADMIN_TOKEN": stack.admin,
+           "KEFU_TEST_TENANT": unique("helm"), "KEFU_TEST_TIMEOUT": "120"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 150)
+    assert proc.returncode == 0, out.decode() + err.decode()
+    assert "ok: conversation" in out.decode()
+    # It fails, and says why, when the release is not right (here: the admin token).
+    env["KEFU_ADMIN_TOKEN"] = "not-the-token"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 150)
+    assert proc.returncode == 1 and "HTTP 403" in err.decode() and "admin token" in err.decode(), out.decode() + err.decode()
