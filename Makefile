@@ -19,7 +19,7 @@ BROWSER_PACKAGES := chromium fonts-wqy-microhei
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install models browser run test test-unit lint protos protos-check bench up down chart-lint airgap-bundle clean
+.PHONY: help install models browser run test test-unit lint protos protos-check bench up down chart-lint compose-config airgap-bundle clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -87,6 +87,9 @@ $(HELM):
 
 chart-lint: $(STAMP) $(HELM) ## helm lint + helm template with every charts/kefu/ci and examples values file, checked against the Kubernetes schemas
 	$(BIN)/python tools/chart_lint.py --helm $(HELM)
+
+compose-config: $(STAMP) ## validate docker-compose.yml offline (what docker compose config checks; also in make test)
+	$(BIN)/python tools/compose_config.py docker-compose.yml >/dev/null
 
 airgap-bundle: $(STAMP) ## wheels and models for an install without network, into dist/airgap/
 	mkdir -p dist/airgap/wheels

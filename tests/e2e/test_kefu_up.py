@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kefu.shared.natsserver import free_port
 
@@ -98,6 +99,8 @@ def test_first_answer_cli_restart_and_clean_stop(kefu_up, tmp_path):
     state = json.loads(replay.stdout)
     assert [t["text"] for t in state["turns"]] == ["How much is the L2 desk lamp?"]
 
+    check_metrics_and_logs(data, done["reply"]["source"])
+
     # A service that dies is reported and restarted; the conversation survives in JetStream.
     dialogue = subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "kefu.dialogue"], capture_output=True,
                               text=True).stdout.split()
@@ -138,6 +141,64 @@ def test_first_answer_cli_restart_and_clean_stop(kefu_up, tmp_path):
         time.sleep(0.2)
     assert group_alive(proc.pid) == []
     assert not (data / "runtime.json").exists()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def check_metrics_and_logs(data: Path, source: str) -> None:
+    """Each service's own /metrics (its port in runtime.json) moved with the documents and the turn; every
+    log line is JSON and none holds the visitor's words."""
+    urls = json.loads((data / "runtime.json").read_text())["metrics"]
+    assert set(urls) == {"gateway", "dialogue", "retrieval", "inference", "plugins"}
+    assert len({u.rsplit(":", 1)[1] for u in urls.values()}) == 5
+    for url in urls.values():
+        assert http(url.removesuffix("/metrics"), "GET", "/healthz")[0] == 200
+
+    deadline = time.time() + 60
+    while True:  # the model's job may finish after the reply (the cited sentence answers meanwhile)
+        got = {name: scrape(url) for name, url in urls.items()}
+        if got["inference"].get(("kefu_llm_generation_seconds_count", ()), 0) >= 1 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    dialogue, inference, retrieval, gateway, plugins = (got[n] for n in ("dialogue", "inference", "retrieval",
+                                                                         "gateway", "plugins"))
+    assert dialogue[("kefu_turn_duration_seconds_count", (("source", source),))] == 1
+    assert 0 < dialogue[("kefu_turn_duration_seconds_sum", (("source", source),))] < 120
+    assert inference[("kefu_llm_generation_seconds_count", ())] >= 1
+    assert inference[("kefu_llm_tokens_total", ())] >= 1
+    assert inference[("kefu_llm_time_to_first_token_seconds_count", ())] >= 1
+    assert inference[("kefu_llm_queue_depth", ())] == 0
+    assert retrieval[("kefu_kb_freshness_lag_seconds_count", ())] == 2  # the two documents imported
+    assert gateway[("kefu_http_requests_total", (("route", "/v1/conversations/{cid}/messages"),
+                                                 ("status", "200")))] == 1
+    assert gateway[("kefu_http_requests_total", (("route", "/v1/tenants/{tenant}/conversations"),
+                                                 ("status", "201")))] == 1
+    assert gateway[("kefu_ws_connections", ())] == 0
+    assert plugins[("kefu_plugin_calls_total", (("outcome", "ok"), ("plugin", "ai_enhancer"),
+                                                ("tool", "hook:on_message")))] == 1
+    # Each process shows its own metrics only, and the process metrics.
+    assert not any(name.startswith("kefu_llm") for name, _ in gateway)
+    assert all(("process_resident_memory_bytes", ()) in m for m in got.values())
+
+    # An error the gateway answers is counted by its code.
+    st, body = http(json.loads((data / "runtime.json").read_text())["http_url"], "GET", "/v1/conversations/nope",
+                    token="bad")
+    assert st == 401
+    code = json.loads(body)["error"]["code"]
+    assert scrape(urls["gateway"])[("kefu_errors_total", (("code", code), ("service", "gateway")))] == 1
+
+    for name in urls:
+        lines = (data / "logs" / f"{name}.log").read_text().splitlines()
+        assert lines
+        for line in lines:
+            event = json.loads(line)  # every line: not one in another format
+            assert "L2 desk lamp" not in line or event["level"] == "debug", (name, line)
 
 
 def test_killed_supervisor_leaves_no_orphans(kefu_up):

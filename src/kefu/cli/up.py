@@ -21,10 +21,10 @@ from pathlib import Path
 from kefu.cli.client import RUNTIME_FILE
 from kefu.proto.bus.v1 import common_pb2
 from kefu.shared.bus import Bus
-from kefu.shared.config import admin_token, signing_secret
+from kefu.shared.config import KefuSettings, admin_token, load_settings, signing_secret
 from kefu.shared.errors import KefuError
 from kefu.shared.models import DEFAULT_EMBED, DEFAULT_LLM, ModelError, models_dir, pull
-from kefu.shared.natsserver import NatsServer, die_with_parent
+from kefu.shared.natsserver import NatsServer, die_with_parent, free_port
 from kefu.shared.service import health_subject
 
 READY_TIMEOUT = 600.0
@@ -91,9 +91,16 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
     env = dict(os.environ, KEFU_NATS_URL=nats_url, KEFU_DATA_DIR=str(data_dir), KEFU_HTTP_PORT=str(http_port),
                KEFU_GRPC_PORT=str(grpc_port), KEFU_HTTP_HOST=host, KEFU_GRPC_HOST=host, HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", KEFU_LOG_FORMAT=os.environ.get("KEFU_LOG_FORMAT", "json"))
-    children = [Child(name, [sys.executable, "-m", f"kefu.{name}"], env, logs / f"{name}.log") for name in services]
     try:
-        return asyncio.run(_run(children, nats_url, data_dir, token, http_port, grpc_port, host))
+        ports = metrics_ports(services, os.environ.get("KEFU_METRICS_PORT", ""))
+    except ValueError as exc:
+        say(f"error: {exc}")
+        return 2
+    children = [Child(name, [sys.executable, "-m", f"kefu.{name}"],
+                      dict(env, KEFU_METRICS_PORT=str(ports[name]) if name in ports else "off"), logs / f"{name}.log")
+                for name in services]
+    try:
+        return asyncio.run(_run(children, nats_url, data_dir, token, http_port, grpc_port, host, ports))
     finally:
         _stop_children(children)
         if nats is not None:
@@ -101,6 +108,20 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
         with contextlib.suppress(OSError):
             (data_dir / RUNTIME_FILE).unlink()
         say("stopped")
+
+
+def metrics_ports(services: list[str], setting: str) -> dict[str, int]:
+    """Each child's own port for /metrics and /healthz: consecutive ports from ``KEFU_METRICS_PORT`` when it
+    is a number, free ones when it is unset or 0, none when it is ``off``. Chosen once, so a restarted
+    child keeps its port."""
+    value = setting.strip().lower()
+    if value in ("off", "none", "false"):
+        return {}
+    if value in ("", "0"):
+        return {name: free_port() for name in services}
+    if not value.isdigit() or not 0 < int(value) <= 65535 - len(services):
+        raise ValueError(f"KEFU_METRICS_PORT must be a port, 0 or off (got {setting!r})")
+    return {name: int(value) + i for i, name in enumerate(services)}
 
 
 def _provision_models(data_dir: Path) -> None:
@@ -113,7 +134,7 @@ def _provision_models(data_dir: Path) -> None:
 
 
 async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str, http_port: int, grpc_port: int,
-               host: str) -> int:
+               host: str, metrics: dict[str, int]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -123,7 +144,8 @@ async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str,
     for c in children:
         c.start()
     say(f"starting {', '.join(c.name for c in children)} (logs in {children[0].log_path.parent})")
-    bus = await Bus.connect([nats_url], "kefu-up", default_timeout=2.0)
+    # The children's TLS settings (KEFU_NATS_TLS_*) are ours too, for an external NATS that wants them.
+    bus = await Bus.connect([nats_url], "kefu-up", default_timeout=2.0, tls=load_settings(KefuSettings).nats_tls())
     try:
         t0 = time.monotonic()
         pending = {c.name for c in children}
@@ -142,11 +164,16 @@ async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str,
         if stop.is_set():
             return 0
         http_url = f"http://{host}:{http_port}"
+        metrics_urls = {name: f"http://{host}:{port}/metrics" for name, port in metrics.items()}
         (data_dir / RUNTIME_FILE).write_text(json.dumps({
-            "pid": os.getpid(), "nats_url": nats_url, "http_url": http_url, "grpc": f"{host}:{grpc_port}"}))
+            "pid": os.getpid(), "nats_url": nats_url, "http_url": http_url, "grpc": f"{host}:{grpc_port}",
+            "metrics": metrics_urls}))
         say(f"ready in {time.monotonic() - t0:.1f}s")
         if "gateway" in {c.name for c in children}:
             say(f"gateway:     {http_url}   (gRPC {host}:{grpc_port})")
+        if metrics:
+            say("metrics:     " + ", ".join(f"{name} :{port}" for name, port in metrics.items())
+                + f"   (http://{host}:PORT/metrics and /healthz; all in {data_dir / RUNTIME_FILE})")
         say(f"admin token: {token}")
         say("press Ctrl-C to stop")
         while not stop.is_set():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from kefu.shared import metrics
 from kefu.shared.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -80,12 +82,16 @@ class Bus:
         self._hooks = hooks if hooks is not None else {"disconnected": [], "reconnected": []}
         self.js: JetStreamContext = nc.jetstream()
         self.default_timeout = default_timeout
+        # The service this connection belongs to: the label of the errors its handlers answer.
+        self.service = ""
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(cls, servers: list[str], name: str, *, default_timeout: float = 10.0,
-                      connect_timeout: float = 60.0) -> Bus:
-        """Connect, retrying until ``connect_timeout``; once connected, reconnect forever."""
+                      connect_timeout: float = 60.0, tls: ssl.SSLContext | None = None) -> Bus:
+        """Connect, retrying until ``connect_timeout``; once connected, reconnect forever. With ``tls``
+        (:meth:`kefu.shared.config.KefuSettings.nats_tls`) the connection is TLS, with a client
+        certificate when the context holds one."""
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
@@ -112,7 +118,7 @@ class Bus:
                 nc = await nats.connect(
                     servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-                    connect_timeout=2, allow_reconnect=True, drain_timeout=5,
+                    connect_timeout=2, allow_reconnect=True, drain_timeout=5, tls=tls,
                 )
                 return cls(nc, default_timeout, flags, hooks)
             except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
@@ -190,6 +196,7 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
 
     async def _respond_error(self, msg: Msg, exc: KefuError) -> None:
+        metrics.count_error(self.service or "unknown", exc.code)
         if not msg.reply:
             return
         with contextlib.suppress(Exception):

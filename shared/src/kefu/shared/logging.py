@@ -50,7 +50,19 @@ def configure_logging(service: str, level: str = "info", fmt: str = "auto") -> N
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
-    logging.basicConfig(level=max(numeric, logging.INFO), stream=sys.stderr, format=f"{service} %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    if use_json:
+        # Libraries' own log lines (nats, aiohttp, asyncio, grpc) as JSON lines too, so a log collector
+        # reads every line of a container the same way.
+        handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                               structlog.stdlib.add_logger_name, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                               _mask_secrets],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]))
+    else:
+        handler.setFormatter(logging.Formatter(f"{service} %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=max(numeric, logging.INFO), handlers=[handler])
     # Libraries chatter at info; keep their warnings.
     for noisy in ("nats", "aiohttp.access", "sentence_transformers", "httpx", "jieba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

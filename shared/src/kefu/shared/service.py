@@ -2,7 +2,9 @@
 
 A service implements :class:`Service`; its ``__main__`` is ``asyncio.run(run_service(MyService()))``.
 Heavy things (models, indexes) load in :meth:`Service.start`, never at import, and the health
-responder is subscribed only after ``start`` returns, so "healthy" means "ready to answer".
+responder is subscribed only after ``start`` returns, so "healthy" means "ready to answer". With
+``KEFU_METRICS_PORT`` set, every service also serves ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP
+(:mod:`kefu.shared.metrics`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import ClassVar
 from nats.aio.msg import Msg
 
 from kefu.proto.bus.v1 import common_pb2
-from kefu.shared import __version__
+from kefu.shared import __version__, metrics
 from kefu.shared.bus import Bus
 from kefu.shared.config import KefuSettings, load_settings
 from kefu.shared.logging import configure_logging, get_logger
+from kefu.shared.metrics import MetricsServer
 
 
 def health_subject(service: str) -> str:
@@ -45,6 +48,7 @@ class Service:
         self.bus: Bus | None = None
         self.started_at = 0.0
         self.ready = asyncio.Event()
+        self.metrics: MetricsServer | None = None
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         """Load what the service needs and subscribe; register clean-ups on ``stack``."""
@@ -56,8 +60,17 @@ class Service:
     async def serve_forever(self, stop: asyncio.Event) -> None:
         """Connect, start, answer health checks until ``stop`` is set, then shut down in order."""
         async with AsyncExitStack() as stack:
+            metrics.declare(self.name)
+            if self.settings.metrics_port is not None:
+                # Up before NATS is reached, so a liveness probe sees 503 (not a refused connection) meanwhile.
+                self.metrics = MetricsServer(self.settings.metrics_host, self.settings.metrics_port,
+                                             healthy=self._connected, ready=self.ready.is_set)
+                await self.metrics.start()
+                stack.push_async_callback(self.metrics.close)
+                self.log.info("metrics", url=f"http://{self.settings.metrics_host}:{self.metrics.port}/metrics")
             bus = await Bus.connect(self.settings.nats_servers, f"kefu-{self.name}-{self.settings.instance}",
-                                    default_timeout=self.settings.request_timeout)
+                                    default_timeout=self.settings.request_timeout, tls=self.settings.nats_tls())
+            bus.service = self.name
             self.bus = bus
             stack.push_async_callback(bus.close)
             t0 = time.monotonic()
@@ -72,6 +85,9 @@ class Service:
         watchdog.cancel()
         self.log.info("stopped")
 
+    def _connected(self) -> bool:
+        return self.bus is not None and self.bus.nc.is_connected
+
     def _report_stuck_shutdown(self) -> None:
         """Shutdown is taking long: log what every task is waiting on."""
         import io
@@ -82,8 +98,11 @@ class Service:
             self.log.warning("shutdown waiting", task=task.get_name(), stack=out.getvalue())
 
     async def _health(self, _: common_pb2.HealthRequest, __: Msg) -> common_pb2.HealthReply:
+        details = self.health_details()
+        if self.metrics is not None:
+            details["metrics_port"] = str(self.metrics.port)
         return common_pb2.HealthReply(service=self.name, instance=self.settings.instance, status="ok",
-                                      version=__version__, details=self.health_details())
+                                      version=__version__, details=details)
 
 
 async def start_in_background(service: Service, stop: asyncio.Event, timeout: float = 300.0) -> asyncio.Task[None]:

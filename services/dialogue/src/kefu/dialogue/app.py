@@ -51,12 +51,14 @@ from kefu.dialogue.tools import (
     match_tool,
 )
 from kefu.proto.bus.v1 import llm_pb2, plugin_pb2, turn_pb2
+from kefu.shared import metrics
 from kefu.shared import text as textutil
 from kefu.shared.bus import Bus, decode, ensure_kv, subject_token
 from kefu.shared.config import KefuSettings
+from kefu.shared.crypto import Keyring
 from kefu.shared.errors import BadRequest, Conflict, KefuError
 from kefu.shared.service import Service
-from kefu.shared.streams import TURN_CANCEL, handoff_subject, handoffs_kv, out_subject
+from kefu.shared.streams import TURN_CANCEL, handoff_context, handoff_subject, handoffs_kv, out_subject
 
 MAX_TEXT_CHARS = 4000
 APPEND_RETRIES = 5
@@ -142,12 +144,13 @@ class DialogueService(Service):
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         await asyncio.to_thread(textutil.warm_up)
         gloss = await asyncio.to_thread(Gloss.load) if self.settings.gloss_enabled else None
-        self.store = ConversationStore(bus, f"dialogue/{self.settings.instance}")
+        keyring = Keyring.from_settings(bus.js, self.settings)
+        self.store = ConversationStore(bus, f"dialogue/{self.settings.instance}", keyring=keyring)
         await self.store.setup()
         s = self.settings
         self.answerer = Answerer(bus, AnswerSettings(search_k=s.search_k, max_tokens=s.llm_max_tokens,
                                                      first_chunk_timeout=s.llm_first_chunk_timeout,
-                                                     llm_enabled=s.llm_enabled), gloss)
+                                                     llm_enabled=s.llm_enabled), gloss, keyring)
         self.suggester = Answerer(bus, AnswerSettings(search_k=s.search_k, search_timeout=SUGGEST_TIMEOUT,
                                                       llm_enabled=False), gloss)
         await bus.serve("kefu.dialogue.start", turn_pb2.StartConversationRequest, self._start, queue="dialogue")
@@ -223,7 +226,7 @@ class DialogueService(Service):
             await self.handoffs.delete(cid)
         else:
             notice = self._notice(state, agent)
-            await self.handoffs.put(cid, notice.SerializeToString())
+            await self.handoffs.put(cid, await self._sealed(notice))
         self.log.info("agent action", conversation_id=cid, action=req.action, seq=ev.seq)
         reply = turn_pb2.AgentReply(seq=ev.seq, state=state_to_proto(state))
         if req.action == "accept" and (suggestion := await self._suggest_last(state)) is not None:
@@ -255,6 +258,12 @@ class DialogueService(Service):
                 query = rewrite(turn.text, state.slots, previous_query(state, turn.seq))
                 return await self._suggest(state.tenant, turn.text, query)
         return None
+
+    async def _sealed(self, notice: turn_pb2.HandoffNotice) -> bytes:
+        """A handoff notice as KV "handoffs" keeps it: sealed (it quotes the visitor) when encryption is on."""
+        assert self.store is not None
+        return await self.store.keyring.seal(notice.tenant, notice.SerializeToString(),
+                                             handoff_context(notice.conversation_id))
 
     @staticmethod
     def _notice(state: State, agent: str = "") -> turn_pb2.HandoffNotice:
@@ -298,6 +307,7 @@ class DialogueService(Service):
 
     async def _turn(self, req: turn_pb2.TurnRequest, _: Msg) -> turn_pb2.TurnReply:
         assert self.store is not None and self.answerer is not None
+        t0 = time.perf_counter()
         cid = subject_token(req.conversation_id)
         text = req.text.strip()
         if not text:
@@ -346,6 +356,7 @@ class DialogueService(Service):
         reply = turn_pb2.Reply(text=answer.text, source=answer.source, citations=answer.citations)
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
             conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq, reply_seq=reply_seq))
+        metrics.turn_duration().labels(answer.source).observe(time.perf_counter() - t0)
         self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
         if state.mode == "bot" and not answer.handoff:
             self._after_reply(state.tenant, cid, text, answer)
@@ -544,7 +555,7 @@ class DialogueService(Service):
         assert self.handoffs is not None and self.bus is not None
         notice = self._notice(state)
         try:
-            await self.handoffs.put(state.conversation_id, notice.SerializeToString())
+            await self.handoffs.put(state.conversation_id, await self._sealed(notice))
             await self.bus.publish(handoff_subject(state.tenant), notice)
         except Exception as exc:  # the conversation is in human mode either way; the queue is a view of it
             self.log.warning("handoff not announced", conversation_id=state.conversation_id, error=str(exc))

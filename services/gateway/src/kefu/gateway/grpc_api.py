@@ -21,6 +21,7 @@ from kefu.gateway.feed import Feed, Frame
 from kefu.gateway.ratelimit import RateLimits, client_address
 from kefu.proto.bus.v1 import turn_pb2
 from kefu.proto.v1 import conversations_pb2, conversations_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
+from kefu.shared import metrics
 from kefu.shared.errors import BadRequest, DeadlineExceeded, Internal, KefuError, RateLimited
 from kefu.shared.logging import get_logger
 
@@ -33,6 +34,7 @@ MAX_STREAM_S = 3600.0
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: KefuError) -> None:
+    metrics.count_error("gateway", exc.code)
     trailers: tuple[tuple[str, str], ...] = (("kefu-error-code", exc.code),)
     if isinstance(exc, RateLimited):
         trailers += (("retry-after", str(max(1, math.ceil(exc.retry_after)))),)
@@ -83,6 +85,7 @@ class _Malformed:
 
 
 async def _reject(context: grpc.aio.ServicerContext, bad: _Malformed) -> None:
+    metrics.count_error("gateway", "invalid_protobuf")
     context.set_trailing_metadata((("kefu-error-code", "invalid_protobuf"),))
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {bad.error}")
 
@@ -375,9 +378,10 @@ class KnowledgeService(knowledge_pb2_grpc.KnowledgeServicer):
 
 async def start_grpc(core: Core, auth: Auth, address: str, limits: RateLimits | None = None,
                      forwarded_hops: int = 0, *, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                     max_call_s: float = MAX_CALL_S,
-                     max_stream_s: float = MAX_STREAM_S) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+                     max_call_s: float = MAX_CALL_S, max_stream_s: float = MAX_STREAM_S,
+                     tls: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Start the gRPC server on ``address`` ("host:port", port 0 for a free one); returns it and its port.
+    With ``tls`` (see kefu.gateway.app.grpc_tls) it serves TLS only.
 
     A message larger than ``max_message_bytes`` either way ends the call RESOURCE_EXHAUSTED; calls
     without a deadline get ``max_call_s`` (``max_stream_s`` for Converse).
@@ -399,7 +403,7 @@ async def start_grpc(core: Core, auth: Auth, address: str, limits: RateLimits | 
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen for gRPC on {address}")
     await server.start()

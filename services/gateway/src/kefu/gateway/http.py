@@ -21,6 +21,7 @@ from kefu.gateway.sockets import Sockets
 from kefu.gateway.ui import Ui
 from kefu.gateway.wire import JSON_LIMIT, field, json_response, parse_json_object, reply_json, state_json
 from kefu.proto.bus.v1 import plugin_pb2
+from kefu.shared import metrics
 from kefu.shared.bus import subject_token
 from kefu.shared.errors import (
     BadRequest,
@@ -49,6 +50,7 @@ DISCONNECT_POLL_S = 0.2
 
 
 def error_response(exc: KefuError) -> web.Response:
+    metrics.count_error("gateway", exc.code)
     headers = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
@@ -66,12 +68,46 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "bad_request")
+        metrics.count_error("gateway", code)
         return json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
         log.exception("unhandled error", path=request.path)
         return error_response(Internal("internal error"))
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every request by its route template (never the raw path: ids would make a series each)."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        status = 499  # the client went away first
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        metrics.http_requests().labels(resource.canonical if resource is not None else "unmatched", str(status)).inc()
+
+
+def counted_socket(handler: Handler) -> Handler:
+    """``handler`` of a WebSocket route, counted in ``kefu_ws_connections`` while it runs."""
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        gauge = metrics.ws_connections()
+        gauge.inc()
+        try:
+            return await handler(request)
+        finally:
+            gauge.dec()
+
+    return run
 
 
 async def read_json(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, Any]:
@@ -135,7 +171,7 @@ class HttpApi:
         self.ui = Ui(origins or Origins())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.ui.cors, errors_middleware], client_max_size=IMAGE_LIMIT + 64 * 1024)
+        app = web.Application(middlewares=[metrics_middleware, self.ui.cors, errors_middleware], client_max_size=IMAGE_LIMIT + 64 * 1024)
         app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -147,16 +183,20 @@ class HttpApi:
             web.get("/v1/conversations/{cid}", self.get_conversation),
             web.get("/v1/conversations/{cid}/state", self.get_state_at),
             web.post("/v1/conversations/{cid}/images", self.post_image),
-            web.get("/v1/ws", self.sockets.visitor_ws),
+            web.get("/v1/ws", counted_socket(self.sockets.visitor_ws)),
             web.post("/v1/agents", self.create_agent),
             web.post("/v1/agent/login", self.agent_login),
             web.put("/v1/tenants/{tenant}/agents/{agent_id}", self.put_agent),
             web.get("/v1/tenants/{tenant}/agents", self.list_agents),
             web.delete("/v1/tenants/{tenant}/agents/{agent_id}", self.delete_agent),
-            web.get("/v1/agent/ws", self.sockets.agent_ws),
+            web.get("/v1/agent/ws", counted_socket(self.sockets.agent_ws)),
             web.get("/v1/tenants/{tenant}/plugins", self.list_plugins),
             web.put("/v1/tenants/{tenant}/plugins/{plugin}", self.put_plugin),
             web.post("/v1/plugins/reload", self.reload_plugins),
+            web.get("/v1/keys", self.get_keys),
+            web.post("/v1/keys/rotate", self.rotate_keys),
+            web.get("/v1/audit", self.list_audit),
+            web.get("/v1/audit/verify", self.verify_audit),
         ])
         self.ui.add_routes(app)  # the widget, its demo page and the agent console
         return app
@@ -264,6 +304,7 @@ class HttpApi:
                 return resp
             relaying.result()
         except KefuError as exc:
+            metrics.count_error("gateway", exc.code)
             err = {"code": exc.code, "message": exc.message}
             await resp.write(f"event: error\ndata: {json.dumps(err, ensure_ascii=False)}\n\n".encode())
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -293,7 +334,7 @@ class HttpApi:
         assert grant is not None
         self.limits.upload(self._address(request), cid, grant.tenant)
         image = await read_file_part(request, "file", IMAGE_LIMIT)
-        reply = await self.core.add_image(cid, image)
+        reply = await self.core.add_image(cid, image, tenant=grant.tenant)
         return json_response({"seq": reply.seq, "text": reply.text})
 
     async def get_conversation(self, request: web.Request) -> web.Response:
@@ -325,32 +366,36 @@ class HttpApi:
             self.core.tenant(tenant)
         role = _role(body)
         token = self.auth.issue_agent(agent_id, self.agent_token_ttl, tenant=tenant, role=role)
+        await self.core.audited("agent.token", "admin", tenant=tenant, target=agent_id, details={"role": role})
         return json_response({"agent_id": agent_id, "agent_token": token, "tenant": tenant, "role": role,
                               "expires_in": int(self.agent_token_ttl)}, status=201)
 
-    async def _require_manager(self, request: web.Request, tenant: str) -> None:
-        """The admin token, or an agent token with role admin of ``tenant`` (or of every tenant)."""
+    async def _require_manager(self, request: web.Request, tenant: str) -> str:
+        """The admin token, or an agent token with role admin of ``tenant`` (or of every tenant); who it is,
+        as the audit log names them."""
         token = self._token(request)
         if not token:
             raise Unauthenticated("an admin token or a tenant admin's agent token is required")
         if self.auth.is_admin(token):
-            return
+            return "admin"
         if not self.auth.is_agent_token(token):
             raise PermissionDenied("this call needs the admin token or a tenant admin's agent token")
         grant = await self.agents.admit(token)
         if not grant.may_manage(tenant):
             raise PermissionDenied(f"this token does not manage the agents of tenant {tenant!r}",
                                    code="permission_denied")
+        return f"agent:{grant.tenant or '*'}.{grant.agent_id}"
 
     async def put_agent(self, request: web.Request) -> web.Response:
         tenant = self.core.tenant(request.match_info["tenant"])
         agent_id = subject_token(request.match_info["agent_id"])
-        await self._require_manager(request, tenant)
+        actor = await self._require_manager(request, tenant)
         body = await read_json(request)
         password = field(body, "password")
         name = field(body, "name", required=False, default="")
         account = await self.agents.put(tenant, agent_id, password, _role(body), name)
         log.info("agent account saved", tenant=tenant, agent_id=agent_id, role=account.role)
+        await self.core.audited("agent.put", actor, tenant=tenant, target=agent_id, details={"role": account.role})
         return json_response(account_json(account))
 
     async def list_agents(self, request: web.Request) -> web.Response:
@@ -363,9 +408,10 @@ class HttpApi:
     async def delete_agent(self, request: web.Request) -> web.Response:
         tenant = self.core.tenant(request.match_info["tenant"])
         agent_id = subject_token(request.match_info["agent_id"])
-        await self._require_manager(request, tenant)
+        actor = await self._require_manager(request, tenant)
         await self.agents.remove(tenant, agent_id)
         log.info("agent account removed", tenant=tenant, agent_id=agent_id)
+        await self.core.audited("agent.delete", actor, tenant=tenant, target=agent_id)
         return json_response({"tenant": tenant, "agent_id": agent_id, "deleted": True})
 
     async def list_plugins(self, request: web.Request) -> web.Response:
@@ -379,12 +425,12 @@ class HttpApi:
     async def put_plugin(self, request: web.Request) -> web.Response:
         """Enable or disable a plugin for a tenant, with its settings (e.g. the CRM's base_url)."""
         tenant = self.core.tenant(request.match_info["tenant"])
-        await self._require_manager(request, tenant)
+        actor = await self._require_manager(request, tenant)
         body = await read_json(request)
         enabled = field(body, "enabled", kind=bool)
         settings = field(body, "settings", required=False, kind=dict, default={})
         done = await self.core.configure_plugin(tenant, request.match_info["plugin"], enabled,
-                                                json.dumps(settings, ensure_ascii=False))
+                                                json.dumps(settings, ensure_ascii=False), actor=actor)
         log.info("plugin configured", tenant=tenant, plugin=done.plugin, enabled=done.enabled)
         return json_response({"tenant": done.tenant, "plugin": done.plugin, "enabled": done.enabled,
                               "settings": _masked(done.settings_json)})
@@ -398,6 +444,38 @@ class HttpApi:
              "plugins": {p.name: p.version for p in r.plugins},
              "errors": [{"path": e.path, "error": e.error, "serving_version": e.serving_version} for e in r.errors]}
             for r in replies]})
+
+    async def get_keys(self, request: web.Request) -> web.Response:
+        """Encryption at rest: on or off, the master key's fingerprint, each tenant's key versions."""
+        self.auth.require_admin(self._token(request))
+        return json_response(await self.core.keys())
+
+    async def rotate_keys(self, request: web.Request) -> web.Response:
+        """``{}``: re-wrap every data key under the current master key (after KEFU_MASTER_KEY changed);
+        ``{"data_keys": true, "tenants"?: [...]}``: new data key versions for new writes."""
+        self.auth.require_admin(self._token(request))
+        body = await read_json(request) if request.can_read_body else {}
+        data_keys = field(body, "data_keys", required=False, kind=bool, default=False)
+        tenants = field(body, "tenants", required=False, kind=list, default=[])
+        if not all(isinstance(t, str) for t in tenants):
+            raise BadRequest("tenants must be a list of tenant ids", code="invalid_field")
+        return json_response(await self.core.rotate_keys(data_keys=data_keys, tenants=tenants, actor="admin"))
+
+    async def list_audit(self, request: web.Request) -> web.Response:
+        self.auth.require_admin(self._token(request))
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise BadRequest("limit must be an integer", code="invalid_field") from None
+        tenant = request.query.get("tenant", "")
+        if tenant:
+            subject_token(tenant)
+        return json_response({"records": await self.core.audit_list(limit, tenant)})
+
+    async def verify_audit(self, request: web.Request) -> web.Response:
+        """Walk the audit chain: ``ok``, how many records, the head hash, and the first problem if any."""
+        self.auth.require_admin(self._token(request))
+        return json_response(await self.core.audit_verify())
 
     async def agent_login(self, request: web.Request) -> web.Response:
         body = await read_json(request)

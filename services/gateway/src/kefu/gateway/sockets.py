@@ -19,6 +19,7 @@ from kefu.gateway.feed import Feed, Frame
 from kefu.gateway.ratelimit import RateLimits
 from kefu.gateway.wire import JSON_LIMIT, field, frame_json, parse_json_object, state_json, suggestion_json
 from kefu.proto.bus.v1 import turn_pb2
+from kefu.shared import metrics
 from kefu.shared.errors import BadRequest, KefuError, PermissionDenied, Unauthenticated
 from kefu.shared.streams import handoff_subject, out_subject
 
@@ -144,6 +145,7 @@ class Sockets:
                                 await subs.pop(cid).unsubscribe()
                         await send({"type": "released", "conversation_id": cid, "seq": reply.seq})
                 except KefuError as exc:
+                    metrics.count_error("gateway", exc.code)
                     await send({"type": "error", "code": exc.code, "message": exc.message})
         finally:
             forget()
@@ -247,6 +249,7 @@ class Outbox:
         self.push(frame_json(f))
 
     def error(self, exc: KefuError) -> None:
+        metrics.count_error("gateway", exc.code)
         self.push({"type": "error", "code": exc.code, "message": exc.message})
 
     def push(self, obj: dict[str, Any]) -> None:

@@ -29,12 +29,22 @@ from kefu.inference.backend import (
 )
 from kefu.inference.ocr import OcrEngine
 from kefu.proto.bus.v1 import llm_pb2
+from kefu.shared import metrics
 from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
 from kefu.shared.config import KefuSettings
+from kefu.shared.crypto import Keyring
 from kefu.shared.errors import BadRequest, KefuError, NotFound
 from kefu.shared.models import DEFAULT_LLM, resolve
 from kefu.shared.service import Service
-from kefu.shared.streams import LLM_CANCEL, LLM_GENERATE, STREAM_LLM, llm_budget_kv, llm_stream, media_store
+from kefu.shared.streams import (
+    LLM_CANCEL,
+    LLM_GENERATE,
+    STREAM_LLM,
+    llm_budget_kv,
+    llm_stream,
+    media_context,
+    media_store,
+)
 
 CONSUMER = "inference"
 HEARTBEAT_S = 1.0
@@ -101,8 +111,11 @@ class InferenceService(Service):
         self.ocr: OcrEngine | None = None
         self.media: ObjectStore | None = None
         self.budget: KeyValue | None = None
+        self.keyring = Keyring(None, None)
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
+        # Media and queued jobs are sealed by their writers when encryption at rest is on.
+        self.keyring = Keyring.from_settings(bus.js, self.settings)
         if self.settings.ocr_enabled:
             self.ocr = await asyncio.to_thread(OcrEngine)
             self.media = await ensure_object_store(bus.js, media_store())
@@ -130,6 +143,8 @@ class InferenceService(Service):
         cancel_sub = await bus.nc.subscribe(LLM_CANCEL, cb=self._on_cancel)
         stack.push_async_callback(cancel_sub.unsubscribe)
         workers = [asyncio.create_task(self._worker(bus, psub)) for _ in range(self.settings.llm_slots)]
+        if self.metrics is not None:
+            self.metrics.on_scrape(self._queue_depth)
 
         async def stop_workers() -> None:
             self._stopping = True
@@ -184,6 +199,11 @@ class InferenceService(Service):
                 self.log.warning("budget not updated", tenant=tenant, error=str(exc))
                 return
 
+    async def _queue_depth(self) -> None:
+        assert self.bus is not None
+        info = await self.bus.js.consumer_info(STREAM_LLM, CONSUMER)
+        metrics.llm_queue_depth().set(info.num_pending or 0)
+
     def health_details(self) -> dict[str, str]:
         return {"model": self.backend.model_name if self.backend else "", "jobs_done": str(self.jobs_done)}
 
@@ -193,8 +213,9 @@ class InferenceService(Service):
             obj = await self.media.get(req.media_id)
         except (ObjectNotFoundError, NotFoundError):
             raise NotFound(f"no media {req.media_id!r}") from None
+        image = await self.keyring.open(obj.data or b"", media_context(req.media_id))
         try:
-            found = await asyncio.to_thread(self.ocr.recognize, obj.data or b"")
+            found = await asyncio.to_thread(self.ocr.recognize, image)
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_image") from None
         return llm_pb2.OcrReply(text=found.text, confidence=found.confidence, lines=[
@@ -229,9 +250,9 @@ class InferenceService(Service):
 
     async def _run_job(self, bus: Bus, msg: Msg) -> None:
         try:
-            job = decode(llm_pb2.GenerateRequest, msg.data)
+            job = decode(llm_pb2.GenerateRequest, await self.keyring.open(msg.data, LLM_GENERATE))
         except KefuError as exc:
-            self.log.warning("dropped malformed job", error=exc.message)
+            self.log.warning("dropped unreadable job", code=exc.code, error=exc.message)
             return
         if not job.reply_inbox:
             self.log.warning("dropped job without reply inbox", job_id=job.job_id)
@@ -268,6 +289,7 @@ class InferenceService(Service):
 
     async def _generate(self, bus: Bus, job: llm_pb2.GenerateRequest) -> None:
         if job.tenant and not await self._within_budget(job.tenant):
+            metrics.count_error(self.name, "budget_exhausted")
             await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
                 job_id=job.job_id, done=True, finish_reason="error", error_code="budget_exhausted",
                 error_message=f"tenant {job.tenant!r} used its tokens for this minute"))
@@ -299,11 +321,13 @@ class InferenceService(Service):
         used = 0
         t0 = time.perf_counter()
         first_token_ms = 0
+        generated = 0
         carry = ""  # text held back to go out with the next chunk
         last_sent = 0.0
         while (item := await queue.get()) is not None:
             if isinstance(item, Exception):
                 code, message = self._failure(job, item)
+                metrics.count_error(self.name, code)
                 await bus.publish(job.reply_inbox, llm_pb2.GenerateChunk(
                     job_id=job.job_id, index=index, done=True, finish_reason="error", error_code=code,
                     error_message=message))
@@ -323,11 +347,17 @@ class InferenceService(Service):
                 chunk.first_token_ms = first_token_ms
                 chunk.duration_ms = round((time.perf_counter() - t0) * 1000)
             used = item.prompt_tokens + item.completion_tokens
+            generated = item.completion_tokens
             await bus.publish(job.reply_inbox, chunk)
             last_sent = time.perf_counter()
             index += 1
         await producer
+        elapsed = time.perf_counter() - t0
+        if first_token_ms:
+            metrics.llm_time_to_first_token().observe(first_token_ms / 1000)
+        metrics.llm_tokens().inc(generated)
+        metrics.llm_generation().observe(elapsed)
         if job.tenant and self.settings.llm_tenant_tokens_per_minute:
             await self._spend(job.tenant, used)
         self.jobs_done += 1
-        self.log.info("job done", job_id=job.job_id, chunks=index, s=round(time.perf_counter() - t0, 2))
+        self.log.info("job done", job_id=job.job_id, chunks=index, s=round(elapsed, 2))

@@ -33,8 +33,11 @@ from kefu.plugins.context import PluginContext
 from kefu.plugins.outbound import OutboundHTTP, OutboundPolicy
 from kefu.plugins.registry import Plugin, Registry, Snapshot, Tool
 from kefu.proto.bus.v1 import events_pb2, plugin_pb2
+from kefu.shared import metrics
+from kefu.shared.audit import AuditLog
 from kefu.shared.bus import Bus, decode, ensure_kv, ensure_stream, subject_token
 from kefu.shared.config import KefuSettings
+from kefu.shared.crypto import Keyring, open_event
 from kefu.shared.errors import (
     BadRequest,
     Conflict,
@@ -99,6 +102,7 @@ class PluginsService(Service):
         self.registry = Registry(self.directory, lambda p: PluginContext(p.name, "", "", {}, self.http))
         self._limits: dict[tuple[str, str], RateLimiter] = {}
         self._bus: Bus | None = None
+        self.keyring = Keyring(None, None)
 
     @property
     def plugins(self) -> dict[str, Plugin]:
@@ -110,6 +114,10 @@ class PluginsService(Service):
             shutil.copytree(BUILTIN_DIR, self.directory, ignore=shutil.ignore_patterns("__pycache__"))
             self.log.info("built-in plugins copied", directory=str(self.directory))
         stack.push_async_callback(self.http.close)
+        # Confirmations in CONV and tenants' plugin settings (API keys) are sealed when encryption is on.
+        self.keyring = Keyring.from_settings(bus.js, self.settings)
+        self.audit = AuditLog(bus.js, self.settings.crypto, f"plugins/{self.settings.instance}")
+        await self.audit.setup()
         await ensure_stream(bus.js, conv_stream())
         self.config_kv: KeyValue = await ensure_kv(bus.js, KeyValueConfig(bucket=KV_PLUGIN_CONFIG, history=1,
                                                                           storage=StorageType.FILE))
@@ -119,7 +127,7 @@ class PluginsService(Service):
         await self.reload()
         loop = asyncio.get_running_loop()
         with suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_on_signal()))
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
         await bus.serve(PLUGINS_LIST, plugin_pb2.ListPluginsRequest, self._list, queue="plugins")
         await bus.serve(PLUGINS_CALL, plugin_pb2.ToolCallRequest, self._call, queue="plugins")
@@ -127,6 +135,14 @@ class PluginsService(Service):
         await bus.serve(PLUGINS_CONFIGURE, plugin_pb2.ConfigurePluginRequest, self._configure, queue="plugins")
         # Every replica reloads: no queue group.
         await bus.serve(PLUGINS_RELOAD, plugin_pb2.ReloadRequest, self._reload_request)
+
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP: reload, and record it (a reload asked through the gateway is recorded there)."""
+        snap = await self.reload()
+        with suppress(KefuError):  # logged by the audit log; the reload itself is done
+            await self.audit.record("plugins.reload", "signal:SIGHUP", details={
+                "generation": snap.generation, "errors": len(snap.errors),
+                "plugins": ",".join(f"{p.name}={p.version}" for p in snap.plugins.values())})
 
     async def reload(self) -> Snapshot:
         before = self.registry.current.generation
@@ -176,7 +192,9 @@ class PluginsService(Service):
             entry = await self.config_kv.get(f"{tenant}.{plugin}")
         except nats.js.errors.KeyNotFoundError:
             return None
-        return decode(plugin_pb2.PluginConfig, entry.value) if entry.value else None
+        if not entry.value:
+            return None
+        return decode(plugin_pb2.PluginConfig, await self.keyring.open(entry.value, _config_context(tenant, plugin)))
 
     async def _configs(self, tenant: str, snap: Snapshot) -> dict[str, plugin_pb2.PluginConfig]:
         found = await asyncio.gather(*(self._config(tenant, name) for name in snap.plugins))
@@ -198,7 +216,8 @@ class PluginsService(Service):
         plugin.validate_settings(settings)
         text = json.dumps(settings, ensure_ascii=False, sort_keys=True)
         config = plugin_pb2.PluginConfig(enabled=req.enabled, settings_json=text, updated_ms=int(time.time() * 1000))
-        await self.config_kv.put(f"{req.tenant}.{req.plugin}", config.SerializeToString())
+        await self.config_kv.put(f"{req.tenant}.{req.plugin}", await self.keyring.seal(
+            req.tenant, config.SerializeToString(), _config_context(req.tenant, req.plugin)))
         self.log.info("plugin configured", tenant=req.tenant, plugin=req.plugin, enabled=req.enabled)
         return plugin_pb2.ConfigurePluginReply(tenant=req.tenant, plugin=req.plugin, enabled=req.enabled,
                                                settings_json=text)
@@ -214,7 +233,23 @@ class PluginsService(Service):
 
     # Tool calls
 
-    async def _call(self, req: plugin_pb2.ToolCallRequest, _: Msg) -> plugin_pb2.ToolCallReply:
+    async def _call(self, req: plugin_pb2.ToolCallRequest, msg: Msg) -> plugin_pb2.ToolCallReply:
+        # Labelled with names the registry knows only: a caller's made-up names must not add series.
+        plugin = self.registry.current.plugins.get(req.plugin)
+        known = plugin is not None and req.tool in plugin.tools
+        labels = (req.plugin, req.tool) if known else ("unknown", "unknown")
+        try:
+            reply = await self._call_tool(req, msg)
+        except KefuError as exc:
+            metrics.plugin_calls().labels(*labels, exc.code).inc()
+            raise
+        except Exception:
+            metrics.plugin_calls().labels(*labels, "internal").inc()
+            raise
+        metrics.plugin_calls().labels(*labels, "replayed" if reply.replayed else "ok").inc()
+        return reply
+
+    async def _call_tool(self, req: plugin_pb2.ToolCallRequest, _: Msg) -> plugin_pb2.ToolCallReply:
         subject_token(req.tenant)
         if req.conversation_id:
             subject_token(req.conversation_id)
@@ -291,7 +326,7 @@ class PluginsService(Service):
             raw = None
         if raw is None or raw.subject != conv_subject(req.tenant, req.conversation_id) or not raw.data:
             raise PermissionDenied(f"{what}: no confirmation of it in this conversation", code="confirmation_required")
-        ev = decode(events_pb2.Event, raw.data)
+        ev = await open_event(self.keyring, decode(events_pb2.Event, raw.data))
         c = ev.tool_confirmed
         if (ev.WhichOneof("body") != "tool_confirmed" or c.call_id != req.call_id or c.plugin != req.plugin
                 or c.tool != req.tool or c.arguments_sha256 != arguments_sha256(req.arguments_json or "{}")):
@@ -315,20 +350,28 @@ class PluginsService(Service):
 
         async def one(p: Plugin) -> plugin_pb2.HookResult:
             ctx = self._context(p, req.tenant, req.conversation_id, configs.get(p.name), lang=req.lang)
+            calls = metrics.plugin_calls()
             try:
                 out = await asyncio.wait_for(p.hooks[req.hook](ctx, text=req.text, reply_text=req.reply_text,
                                                                slots=dict(req.slots)), HOOK_TIMEOUT_S)
             except TimeoutError:
+                calls.labels(p.name, f"hook:{req.hook}", "timeout").inc()
                 return plugin_pb2.HookResult(plugin=p.name, error="timeout")
             except Exception as exc:
+                calls.labels(p.name, f"hook:{req.hook}", "internal").inc()
                 self.log.error("hook failed", plugin=p.name, hook=req.hook, error=f"{type(exc).__name__}: {exc}")
                 return plugin_pb2.HookResult(plugin=p.name, error=type(exc).__name__)
+            calls.labels(p.name, f"hook:{req.hook}", "ok").inc()
             out = out if isinstance(out, dict) else {}
             tags = [str(t)[:64] for t in out.get("tags", []) if str(t).strip()][:8]
             return plugin_pb2.HookResult(plugin=p.name, tags=tags, handoff_reason=str(out.get("handoff") or "")[:64],
                                          note=str(out.get("note") or "")[:500])
 
         return plugin_pb2.HookReply(results=await asyncio.gather(*(one(p) for p in runs)))
+
+
+def _config_context(tenant: str, plugin: str) -> str:
+    return f"plugin_config/{tenant}.{plugin}"
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:

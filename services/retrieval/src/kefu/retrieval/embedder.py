@@ -27,6 +27,8 @@ class Embedder:
     def __init__(self, path: Path, threads: int = 2) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # No progress bar on stderr: in a container every log line is a JSON object.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         import torch
         from sentence_transformers import SentenceTransformer
 
