@@ -400,3 +400,23 @@ def test_the_umbrella_chart_wires_kefu_to_the_official_nats_chart(tmp_path: Path
     values = yaml.safe_load((ROOT / "charts" / "kefu-nats" / "values.yaml").read_text())
     assert values["nats"]["config"]["jetstream"]["enabled"] is True
 
+
+
+def test_the_install_notes_name_what_the_chart_made(tmp_path: Path) -> None:
+    """NOTES.txt (printed by helm install) renders only on a cluster: here, as a ConfigMap of a copy."""
+    copy = tmp_path / "kefu"
+    shutil.copytree(CHART, copy)
+    # Without whitespace trimming, so every line keeps the block scalar's indentation.
+    notes = (CHART / "templates" / "NOTES.txt").read_text().replace("{{-", "{{").replace("-}}", "}}")
+    (copy / "templates" / "notes-check.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n"
+        + "".join(f"    {line}\n" for line in notes.splitlines()))
+    objs = render(chart=copy)
+    text = objects(objs, "ConfigMap")["notes"]["data"]["notes"]
+    assert "svc/kefu-gateway 8080:8080 50051:50051" in text
+    assert "get secret kefu-secrets -o jsonpath='{.data.admin-token}'" in text
+    assert "NATS: the chart's own server with JetStream (nats://kefu-nats:4222)" in text
+    assert "helm test kefu -n kefu" in text and "Back up the Secret kefu-secrets" in text
+    text = objects(render("nats.url=nats://nats.messaging:4222", "auth.existingSecret=mine",
+                          "encryption.existingSecret=key", chart=copy), "ConfigMap")["notes"]["data"]["notes"]
+    assert "NATS: nats://nats.messaging:4222" in text and "get secret mine " in text and "Back up" not in text

@@ -22,6 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kefu.shared.models import models_dir
 from kefu.shared.natsserver import die_with_parent, find_nats_server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,26 +75,11 @@ def _pod_address() -> str:
 
 async def test_the_nats_config_runs_jetstream_on_a_real_nats_server(tmp_path: Path) -> None:
     objs = render("nats.embedded.jetstream.maxFileStore=3Gi", "nats.embedded.maxPayload=8MB")
-    conf = objects(objs, "ConfigMap")["kefu-nats-config"]["data"]["nats.conf"]
-    client, monitor = free_port(), free_port()
-    # The pod's paths and ports, moved to this machine's.
-    conf = (conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
-                .replace("pid_file: /tmp/nats.pid", f"pid_file: {tmp_path / 'nats.pid'}")
-                .replace("port: 4222", f"port: {client}").replace("http_port: 8222", f"http_port: {monitor}"))
-    (tmp_path / "nats.conf").write_text(conf)
-    pod = objects(objs, "StatefulSet")["kefu-nats"]["spec"]["template"]["spec"]["containers"][0]
-    command = [find_nats_server(), *pod["command"][1:-1], str(tmp_path / "nats.conf")]
-    proc = await asyncio.create_subprocess_exec(*command, env={"SERVER_NAME": "kefu-nats-0"},
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-                                                preexec_fn=die_with_parent)
+    proc, _, monitor = await _start_nats(objs, tmp_path)
     try:
-        probes = {p: pod[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
-        deadline = time.monotonic() + 20
-        while _http(f"http://127.0.0.1:{monitor}{probes['startupProbe']}")[0] != 200:
-            assert proc.returncode is None, (await proc.stderr.read()).decode()
-            assert time.monotonic() < deadline, "nats-server did not come up with the chart's config"
-            await asyncio.sleep(0.2)
-        for name, path in probes.items():
+        pod = objects(objs, "StatefulSet")["kefu-nats"]["spec"]["template"]["spec"]["containers"][0]
+        for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            path = pod[name]["httpGet"]["path"]
             assert _http(f"http://127.0.0.1:{monitor}{path}") == (200, '{"status":"ok"}'), name
         varz = json.loads(_http(f"http://127.0.0.1:{monitor}/varz")[1])
         assert varz["server_name"] == "kefu-nats-0" and varz["max_payload"] == 8 * 1024 * 1024
@@ -136,15 +122,40 @@ async def _grpc_serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_services_start_with_their_deployments_environment_and_pass_their_probes(
-        nats_url: str, tmp_path: Path) -> None:
+async def _start_nats(objs: list[dict[str, Any]], tmp_path: Path) -> tuple[asyncio.subprocess.Process, int, int]:
+    """The chart's NATS: its ConfigMap and command, with the pod's paths and ports moved to this machine's."""
+    conf = objects(objs, "ConfigMap")["kefu-nats-config"]["data"]["nats.conf"]
+    client, monitor = free_port(), free_port()
+    conf = (conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
+                .replace("pid_file: /tmp/nats.pid", f"pid_file: {tmp_path / 'nats.pid'}")
+                .replace("port: 4222", f"port: {client}").replace("http_port: 8222", f"http_port: {monitor}"))
+    (tmp_path / "nats.conf").write_text(conf)
+    pod = objects(objs, "StatefulSet")["kefu-nats"]["spec"]["template"]["spec"]["containers"][0]
+    command = [find_nats_server(), *pod["command"][1:-1], str(tmp_path / "nats.conf")]
+    proc = await asyncio.create_subprocess_exec(*command, env={"SERVER_NAME": "kefu-nats-0"},
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                                                preexec_fn=die_with_parent)
+    startup = pod["startupProbe"]["httpGet"]["path"]
+    deadline = time.monotonic() + 20
+    while (await asyncio.to_thread(_http, f"http://127.0.0.1:{monitor}{startup}"))[0] != 200:
+        assert proc.returncode is None, (await proc.stderr.read()).decode()
+        assert time.monotonic() < deadline, "nats-server did not come up with the chart's config"
+        await asyncio.sleep(0.2)
+    return proc, client, monitor
+
+
+@pytest.mark.model
+async def test_the_release_runs_from_what_the_chart_renders(models_data_dir: Path, tmp_path: Path) -> None:
+    """NATS from its ConfigMap, the five services with their Deployment's environment (Secrets resolved),
+    probed as the kubelet would on a non-loopback address; then the helm test pod's own script."""
     objs = render()
     host = _pod_address()
+    nats, nats_port, _ = await _start_nats(objs, tmp_path)
     procs: dict[str, asyncio.subprocess.Process] = {}
     ports: dict[str, dict[Any, int]] = {}
-    probes: dict[str, dict[str, Any]] = {}
+    containers: dict[str, dict[str, Any]] = {}
     try:
-        for service in ("gateway", "dialogue", "plugins"):
+        for service in ("gateway", "dialogue", "retrieval", "inference", "plugins"):
             container = objects(objs, "Deployment")[f"kefu-{service}"]["spec"]["template"]["spec"]["containers"][0]
             env = _resolve_env(objs, container, f"kefu-{service}-7d9f-abcde")
             # Each container port of the pod on a free port here (other tests and runs share this machine).
@@ -153,22 +164,25 @@ async def test_services_start_with_their_deployments_environment_and_pass_their_
             for key in ("KEFU_METRICS_PORT", "KEFU_HTTP_PORT", "KEFU_GRPC_PORT"):
                 if key in env:
                     env[key] = str(mapping[int(env[key])])
-            env.update(KEFU_NATS_URL=nats_url, KEFU_DATA_DIR=str(tmp_path / service), KEFU_LOG_LEVEL="warning",
+            assert env["KEFU_NATS_URL"] == "nats://kefu-nats:4222"
+            # The Service's DNS name, the pod's volumes and the image's models directory, as they are here.
+            env.update(KEFU_NATS_URL=f"nats://127.0.0.1:{nats_port}", KEFU_DATA_DIR=str(tmp_path / service),
+                       KEFU_MODELS_DIR=str(models_dir(models_data_dir)), KEFU_LOG_LEVEL="warning",
                        PATH=os.environ["PATH"], HOME=str(tmp_path))
-            probes[service] = container
+            containers[service] = container
             procs[service] = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", f"kefu.{service}", env=env, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
 
         async def probe(service: str, kind: str) -> bool:
-            spec = probes[service][kind]
+            spec = containers[service][kind]
             if "grpc" in spec:
                 return await _grpc_serving(f"{host}:{ports[service][spec['grpc']['port']]}")
             get = spec["httpGet"]
             status, _ = await asyncio.to_thread(_http, f"http://{host}:{ports[service][get['port']]}{get['path']}")
             return status == 200
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         for service, proc in procs.items():
             while not await probe(service, "startupProbe"):
                 if proc.returncode is not None or time.monotonic() > deadline:
@@ -179,15 +193,22 @@ async def test_services_start_with_their_deployments_environment_and_pass_their_
                 assert await probe(service, kind), f"{service}: {kind} fails"
             status, text = await asyncio.to_thread(_http, f"http://{host}:{ports[service]['metrics']}/metrics")
             assert status == 200 and "kefu_errors_total" in text, service
-        status, text = await asyncio.to_thread(_http, f"http://{host}:{ports['gateway']['metrics']}/metrics")
-        assert "kefu_http_requests_total" in text
-        # The gateway took the admin token the chart's Secret holds.
-        token = base64.b64decode(objects(objs, "Secret")["kefu-secrets"]["data"]["admin-token"]).decode()
-        req = urllib.request.Request(f"http://{host}:{ports['gateway']['http']}/v1/tenants/t/search?q=x",
-                                     headers={"Authorization": "Bearer wrong"})
-        assert (await asyncio.to_thread(_status, req)) in (401, 403)
-        req.headers["Authorization"] = f"Bearer {token}"
-        assert (await asyncio.to_thread(_status, req)) not in (401, 403)
+
+        # helm test: the test pod's script with its environment, the gateway's Service being the local port.
+        test = objects(objs, "Pod")["kefu-test"]["spec"]["containers"][0]
+        assert test["command"] == ["python", "-c"]
+        env = _resolve_env(objs, test, "kefu-test")
+        assert env["KEFU_URL"] == "http://kefu-gateway:8080"
+        env.update(KEFU_URL=f"http://127.0.0.1:{ports['gateway']['http']}", PATH=os.environ["PATH"])
+        out, err, code = await _run(test["args"][0], env)
+        assert code == 0, out + err
+        assert "ok: conversation" in out
+        # The answer was a real one: it went through dialogue, retrieval and the model's queue.
+        metrics = (await asyncio.to_thread(_http, f"http://{host}:{ports['dialogue']['metrics']}/metrics"))[1]
+        assert "kefu_turn_duration_seconds_count" in metrics
+        # And the script fails, saying why, when the release is not right (here: the admin token).
+        out, err, code = await _run(test["args"][0], {**env, "KEFU_ADMIN_TOKEN": "not-the-token"})
+        assert code == 1 and "HTTP 403" in err and "admin token" in err, out + err
     finally:
         for proc in procs.values():
             if proc.returncode is None:
@@ -196,32 +217,13 @@ async def test_services_start_with_their_deployments_environment_and_pass_their_
             # Within the pod's terminationGracePeriodSeconds, cleanly.
             grace = objects(objs, "Deployment")[f"kefu-{service}"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             code = await asyncio.wait_for(proc.wait(), grace)
-            assert code == 0, f"{service} exited {code} on SIGTERM"
+            assert code == 0, f"{service} exited {code} on SIGTERM: {(await proc.stderr.read()).decode()[-2000:]}"
+        nats.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(nats.wait(), 20)
 
 
-def _status(req: urllib.request.Request) -> int:
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-@pytest.mark.model
-async def test_the_helm_test_pods_script_passes_against_a_running_stack(stack: Any, unique: Any) -> None:
-    pod = objects(render(), "Pod")["kefu-test"]["spec"]["containers"][0]
-    assert pod["command"] == ["python", "-c"]
-    script = pod["args"][0]
-    env = {"PATH": os.environ["PATH"], "KEFU_URL": stack.http, "KEFU_ADMIN_TOKEN": stack.admin,
-           "KEFU_TEST_TENANT": unique("helm"), "KEFU_TEST_TIMEOUT": "120"}
+async def _run(script: str, env: dict[str, str]) -> tuple[str, str, int]:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 150)
-    assert proc.returncode == 0, out.decode() + err.decode()
-    assert "ok: conversation" in out.decode()
-    # It fails, and says why, when the release is not right (here: the admin token).
-    env["KEFU_ADMIN_TOKEN"] = "not-the-token"
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 150)
-    assert proc.returncode == 1 and "HTTP 403" in err.decode() and "admin token" in err.decode(), out.decode() + err.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), 200)
+    return out.decode(), err.decode(), proc.returncode or 0
