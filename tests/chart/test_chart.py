@@ -311,6 +311,7 @@ def test_inference_runs_on_arm_or_gpu_nodes_with_a_model_from_a_volume() -> None
     assert pod["containers"][0]["image"] == "kefu/inference-cuda:0.1.0"
     assert dep["spec"]["strategy"] == {"type": "Recreate"}
     assert {"name": "models", "hostPath": {"path": "/var/lib/kefu/models", "type": "Directory"}} in pod["volumes"]
+    assert env(objs, "inference")["KEFU_LLM_GPU_LAYERS"] == "-1"
 
     objs = render("inference.model.source=pvc", "inference.model.path=m.gguf", "retrieval.model.source=existingClaim",
                   "retrieval.model.existingClaim=embedders", "retrieval.model.path=bge-m3")

@@ -63,6 +63,9 @@ class InferenceSettings(KefuSettings):
     llm_openai_api_key: SecretStr = SecretStr("")
     llm_openai_timeout: float = Field(default=60.0, gt=0)
     llm_threads: int = Field(default=2, ge=1)
+    # Layers offloaded to the GPU (-1: all) by a llama-cpp-python built for one (CUDA, Metal, Vulkan);
+    # a CPU build runs them on the CPU whatever this says.
+    llm_gpu_layers: int = Field(default=0, ge=-1)
     llm_ctx: int = Field(default=2048, ge=256)
     # Jobs this replica runs at once; llama.cpp holds one sequence per context.
     llm_slots: int = Field(default=1, ge=1)
@@ -129,7 +132,7 @@ class InferenceService(Service):
             # The model checked once (above); each adapter's engine maps the same file.
             self.tenant_backends[tenant] = await asyncio.to_thread(
                 LlamaCppBackend, self.backend.path, n_ctx=s.llm_ctx, threads=s.llm_threads,
-                prefix_cache=s.llm_prefix_cache, lora=adapter, lora_scale=scale)
+                gpu_layers=s.llm_gpu_layers, prefix_cache=s.llm_prefix_cache, lora=adapter, lora_scale=scale)
             self.log.info("lora adapter ready", tenant=tenant, model=self.tenant_backends[tenant].model_name)
         await ensure_stream(bus.js, llm_stream(self.settings.llm_queue_limit))
         self.budget = await ensure_kv(bus.js, llm_budget_kv())
@@ -163,7 +166,8 @@ class InferenceService(Service):
                                  timeout=s.llm_openai_timeout)
         path = resolve(DEFAULT_LLM, s.data_dir, s.llm_model)
         return await asyncio.to_thread(LlamaCppBackend, path, n_ctx=s.llm_ctx, threads=s.llm_threads,
-                                       prefix_cache=s.llm_prefix_cache, cache_mb=s.llm_prefix_cache_mb)
+                                       gpu_layers=s.llm_gpu_layers, prefix_cache=s.llm_prefix_cache,
+                                       cache_mb=s.llm_prefix_cache_mb)
 
     @staticmethod
     def _budget_key(tenant: str) -> str:

@@ -143,8 +143,9 @@ class LlamaCppBackend:
     pays only for long prefixes that alternate, e.g. one system prompt per tenant). ``prefix_cache=False``
     evaluates every prompt from scratch (for measuring the cache)."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 2048, threads: int = 2, prefix_cache: bool = True,
-                 cache_mb: int = 0, lora: Path | None = None, lora_scale: float = 1.0) -> None:
+    def __init__(self, path: Path, *, n_ctx: int = 2048, threads: int = 2, gpu_layers: int = 0,
+                 prefix_cache: bool = True, cache_mb: int = 0, lora: Path | None = None,
+                 lora_scale: float = 1.0) -> None:
         from llama_cpp import LlamaRAMCache
 
         self.path = path
@@ -153,7 +154,8 @@ class LlamaCppBackend:
         if lora is not None and not lora.is_file():
             raise ValueError(f"LoRA adapter {lora} does not exist")
         self.llm = open_llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         lora_path=str(lora) if lora else None, lora_scale=lora_scale, verbose=False)
+                              n_gpu_layers=gpu_layers, lora_path=str(lora) if lora else None,
+                              lora_scale=lora_scale, verbose=False)
         self.prefix_cache = prefix_cache
         if prefix_cache and cache_mb > 0:
             self.llm.set_cache(LlamaRAMCache(capacity_bytes=cache_mb << 20))
