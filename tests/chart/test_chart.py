@@ -421,3 +421,27 @@ def test_the_install_notes_name_what_the_chart_made(tmp_path: Path) -> None:
     text = objects(render("nats.url=nats://nats.messaging:4222", "auth.existingSecret=mine",
                           "encryption.existingSecret=key", chart=copy), "ConfigMap")["notes"]["data"]["notes"]
     assert "NATS: nats://nats.messaging:4222" in text and "get secret mine " in text and "Back up" not in text
+
+
+def test_tls_to_nats_and_on_grpc_by_configuration() -> None:
+    objs = render("tls.nats.enabled=true", "tls.nats.secretName=client-tls", "tls.nats.serverSecretName=server-tls",
+                  "tls.grpc.enabled=true", "tls.grpc.secretName=gw-tls", "tls.grpc.clientAuth=true")
+    conf = objects(objs, "ConfigMap")["kefu-nats-config"]["data"]["nats.conf"]
+    assert "ca_file: /etc/nats-tls/ca.crt" in conf and "verify: true" in conf
+    nats_pod = objects(objs, "StatefulSet")["kefu-nats"]["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "server-tls", "defaultMode": 0o440}} in nats_pod["volumes"]
+    for service in SERVICES:
+        e = env(objs, service)
+        assert e["KEFU_NATS_URL"] == "tls://kefu-nats:4222"
+        assert (e["KEFU_NATS_TLS_CA"], e["KEFU_NATS_TLS_CERT"]) == ("/etc/kefu/nats-tls/ca.crt", "/etc/kefu/nats-tls/tls.crt")
+        pod = objects(objs, "Deployment")[f"kefu-{service}"]["spec"]["template"]["spec"]
+        assert {"name": "nats-tls", "secret": {"secretName": "client-tls", "defaultMode": 0o440}} in pod["volumes"]
+        assert ("KEFU_GRPC_TLS_CERT" in e) == (service == "gateway")
+    assert env(objs, "gateway")["KEFU_GRPC_TLS_CLIENT_CA"] == "/etc/kefu/grpc-tls/ca.crt"
+    # The kubelet's gRPC probe cannot speak TLS: the gateway is then probed on /readyz.
+    assert container(objs, "gateway")["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    objs = render("tls.nats.enabled=true", "tls.nats.secretName=ca-only", "tls.nats.clientCertificate=false",
+                  "nats.url=tls://nats.messaging:4222")
+    assert "KEFU_NATS_TLS_CERT" not in env(objs, "dialogue") and env(objs, "dialogue")["KEFU_NATS_TLS_CA"]
+    assert "tls.nats.serverSecretName" in render_error("tls.nats.enabled=true", "tls.nats.secretName=x")
+    assert "tls.grpc.secretName" in render_error("tls.grpc.enabled=true")

@@ -122,9 +122,12 @@ async def _grpc_serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def _start_nats(objs: list[dict[str, Any]], tmp_path: Path) -> tuple[asyncio.subprocess.Process, int, int]:
+async def _start_nats(objs: list[dict[str, Any]], tmp_path: Path,
+                      tls_dir: Path | None = None) -> tuple[asyncio.subprocess.Process, int, int]:
     """The chart's NATS: its ConfigMap and command, with the pod's paths and ports moved to this machine's."""
     conf = objects(objs, "ConfigMap")["kefu-nats-config"]["data"]["nats.conf"]
+    if tls_dir is not None:
+        conf = conf.replace("/etc/nats-tls/", f"{tls_dir}/")
     client, monitor = free_port(), free_port()
     conf = (conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
                 .replace("pid_file: /tmp/nats.pid", f"pid_file: {tmp_path / 'nats.pid'}")
@@ -227,3 +230,93 @@ async def _run(script: str, env: dict[str, str]) -> tuple[str, str, int]:
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 200)
     return out.decode(), err.decode(), proc.returncode or 0
+
+
+def _make_tls(d: Path) -> None:
+    """A CA; in d/server the NATS server's tls.crt/tls.key (for kefu-nats and 127.0.0.1) with ca.crt; in
+    d/client a client certificate the CA signed; in d/rogue one from another CA. The kubernetes.io/tls layout."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(key, subject: str, issuer: str, issuer_key, *, ca: bool = False, usage=None, sans=()) -> bytes:
+        now = datetime.datetime.now(datetime.UTC)
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer)).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def pem(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key, rogue_ca = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert(ca_key, "kefu CA", "kefu CA", ca_key, ca=True)
+    sans = (x509.DNSName("kefu-nats"), x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    for sub, issuer, issuer_key, usage in (("server", "kefu CA", ca_key, ExtendedKeyUsageOID.SERVER_AUTH),
+                                           ("client", "kefu CA", ca_key, ExtendedKeyUsageOID.CLIENT_AUTH),
+                                           ("rogue", "rogue CA", rogue_ca, ExtendedKeyUsageOID.CLIENT_AUTH)):
+        (d / sub).mkdir(parents=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        (d / sub / "tls.crt").write_bytes(cert(key, f"kefu-{sub}", issuer, issuer_key, usage=usage,
+                                               sans=sans if sub == "server" else ()))
+        (d / sub / "tls.key").write_bytes(pem(key))
+        (d / sub / "ca.crt").write_bytes(ca)
+
+
+async def test_the_charts_nats_tls_makes_services_and_nats_use_mtls(tmp_path: Path) -> None:
+    """tls.nats on: the chart's NATS requires client certificates; a service with the chart's environment
+    (its Secret mounted where the chart mounts it) connects and is ready; a client without one, or with a
+    certificate of another CA, is refused."""
+    objs = render("tls.nats.enabled=true", "tls.nats.secretName=client-tls", "tls.nats.serverSecretName=server-tls")
+    _make_tls(tmp_path / "pki")
+    nats, nats_port, _ = await _start_nats(objs, tmp_path, tmp_path / "pki" / "server")
+    container = objects(objs, "Deployment")["kefu-plugins"]["spec"]["template"]["spec"]["containers"][0]
+    proc = None
+    try:
+        env = _resolve_env(objs, container, "kefu-plugins-0")
+        assert env["KEFU_NATS_URL"].startswith("tls://")
+        metrics = free_port()
+        env = {k: v.replace("/etc/kefu/nats-tls/", f"{tmp_path / 'pki' / 'client'}/") for k, v in env.items()}
+        env.update(KEFU_NATS_URL=f"tls://127.0.0.1:{nats_port}", KEFU_DATA_DIR=str(tmp_path / "plugins"),
+                   KEFU_METRICS_PORT=str(metrics), KEFU_LOG_LEVEL="warning", PATH=os.environ["PATH"], HOME=str(tmp_path))
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "kefu.plugins", env=env,
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                                                    preexec_fn=die_with_parent)
+        deadline = time.monotonic() + 60
+        while (await asyncio.to_thread(_http, f"http://127.0.0.1:{metrics}/readyz"))[0] != 200:
+            if proc.returncode is not None or time.monotonic() > deadline:
+                err = (await proc.stderr.read()).decode() if proc.returncode is not None else "(still running)"
+                pytest.fail(f"plugins never got ready over TLS: {err[-3000:]}")
+            await asyncio.sleep(0.3)
+        import ssl
+
+        import nats as nats_py
+
+        for label, cert_dir in (("no certificate", None), ("another CA's", tmp_path / "pki" / "rogue")):
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "pki" / "server" / "ca.crt"))
+            if cert_dir is not None:
+                ctx.load_cert_chain(str(cert_dir / "tls.crt"), str(cert_dir / "tls.key"))
+            with pytest.raises(Exception):  # noqa: B017 (the refusal surfaces as whichever error the handshake hits)
+                nc = await nats_py.connect(f"tls://127.0.0.1:{nats_port}", tls=ctx, connect_timeout=2,
+                                           allow_reconnect=False, max_reconnect_attempts=0)
+                await nc.close()
+                pytest.fail(f"NATS let in a client with {label}")
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 30)
+        nats.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(nats.wait(), 20)

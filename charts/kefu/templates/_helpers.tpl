@@ -83,7 +83,7 @@ else the chart's own NATS. Fails when there is neither.
 {{- if .Values.nats.url -}}
 {{- tpl .Values.nats.url . -}}
 {{- else if .Values.nats.embedded.enabled -}}
-{{- printf "nats://%s:%d" (include "kefu.componentName" (dict "root" . "service" "nats")) (int .Values.nats.embedded.port) -}}
+{{- printf "%s://%s:%d" (ternary "tls" "nats" .Values.tls.nats.enabled) (include "kefu.componentName" (dict "root" . "service" "nats")) (int .Values.nats.embedded.port) -}}
 {{- else -}}
 {{- fail "kefu needs NATS with JetStream: set nats.url to an existing cluster, or nats.embedded.enabled=true" -}}
 {{- end -}}
