@@ -4,6 +4,7 @@ nats-server, with the real bundled models (loaded once per session)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from kefu.shared.service import start_in_background
 
 ROOT = Path(__file__).parent
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+# The session stack runs with encryption at rest on, so every test that goes through it goes through
+# sealing and opening too (tests/integration/test_encryption.py checks the store holds no plaintext).
+MASTER_KEY = base64.b64encode(bytes(range(32))).decode()
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +51,10 @@ async def stack(nats_url: str, models_data_dir: Path) -> AsyncIterator[InprocSta
     from kefu.retrieval.app import RetrievalService, RetrievalSettings
 
     os.environ["KEFU_ADMIN_TOKEN"] = ADMIN_TOKEN
+    # Also for the replicas tests start beside the stack: one deployment, one master key.
+    os.environ["KEFU_MASTER_KEY"] = MASTER_KEY
     configure_logging("tests", "warning", "console")
-    common = {"nats_url": nats_url, "data_dir": models_data_dir, "log_level": "warning"}
+    common = {"nats_url": nats_url, "data_dir": models_data_dir, "log_level": "warning", "master_key": MASTER_KEY}
     services = {
         "inference": InferenceService(InferenceSettings(**common)),
         "retrieval": RetrievalService(RetrievalSettings(**common)),

@@ -9,6 +9,8 @@
     kefu agents add --tenant T AGENT_ID [--role admin] [--name N] [--password-stdin]
     kefu agents list --tenant T | kefu agents remove --tenant T AGENT_ID
     kefu plugins list --tenant T | reload | enable NAME --tenant T [--set KEY=VALUE] | disable NAME --tenant T
+    kefu keys generate | list | rotate [--data-keys [--tenant T]]
+    kefu audit list [--limit N] [--tenant T] | verify
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from kefu.cli import agents, client, plugins
+from kefu.cli import agents, client, plugins, security
 
 ALL_SERVICES = ("gateway", "dialogue", "retrieval", "inference", "plugins")
 
@@ -92,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     _client_args(replay)
     agents.add_parser(sub, _client_args)
     plugins.add_parser(sub, _client_args)
+    security.add_parsers(sub, _client_args)
     return ap
 
 
@@ -179,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         return agents.run(client.Client.for_args(args), args)
     if args.command == "plugins":
         return plugins.run(client.Client.for_args(args), args)
+    if args.command == "keys":
+        return security.run_keys(client.Client.for_args(args) if args.keys_command != "generate" else None, args)
+    if args.command == "audit":
+        return security.run_audit(client.Client.for_args(args), args)
     if args.command == "replay":
         c = client.Client.for_args(args)
         path = f"/v1/conversations/{args.conversation_id}"

@@ -114,16 +114,22 @@ class Bus:
         deadline = loop.time() + connect_timeout
         delay = 0.1
         while True:
+            nc = NATS()
             try:
-                nc = await nats.connect(
+                # Bounded as a whole: a TLS server that turns our certificate away after the handshake
+                # drops the connection, and the client would try again forever.
+                await asyncio.wait_for(nc.connect(
                     servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                     connect_timeout=2, allow_reconnect=True, drain_timeout=5, tls=tls,
-                )
+                ), timeout=max(deadline - loop.time(), 2.0))
                 return cls(nc, default_timeout, flags, hooks)
             except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
                 if loop.time() + delay > deadline:
-                    raise Unavailable(f"cannot reach NATS at {','.join(servers)}: {exc}") from exc
+                    raise Unavailable(f"cannot reach NATS at {','.join(servers)}: {exc or 'no connection in time'}"
+                                      ) from exc
                 log.info("waiting for nats", servers=servers)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

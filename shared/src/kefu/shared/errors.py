@@ -148,6 +148,10 @@ _REFINED: dict[str, type[KefuError]] = {
     "busy": RateLimited,
     "model_timeout": DeadlineExceeded,
     "budget_exhausted": RateLimited,
+    "key_unavailable": Unavailable,
+    "audit_unavailable": Unavailable,
+    "decryption_failed": Internal,
+    "encryption_off": BadRequest,
 }
 
 

@@ -50,10 +50,14 @@ class NatsServer:
         store_dir: JetStream storage directory.
         port: Client port (a free one when 0).
         host: Interface to listen on.
+        extra_args: More nats-server flags (TLS in the tests).
     """
 
-    def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1", log_file: Path | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1", log_file: Path | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.store_dir = Path(store_dir)
+        # More nats-server flags, e.g. ("--tls", "--tlscert", ...) for a server that wants TLS.
+        self.extra_args = tuple(extra_args)
         self.host = host
         self.port = port or free_port(host)
         self.log_file = log_file
@@ -69,7 +73,8 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
+            [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir),
+             *self.extra_args],
             stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,  # type: ignore[arg-type]
         )
         deadline = time.monotonic() + timeout

@@ -12,6 +12,9 @@ OBJ_MEDIA = "media"
 KV_HANDOFFS = "handoffs"
 KV_LLM_BUDGET = "llm_budget"
 KV_AGENTS = "agents"
+KV_TENANT_KEYS = "tenant_keys"
+STREAM_AUDIT = "AUDIT"
+AUDIT_SUBJECT = "kefu.audit"
 MAX_MEDIA_BYTES = 10 * 1024 * 1024
 
 KB_SUBJECTS = "kefu.kb.>"
@@ -75,6 +78,16 @@ def handoffs_kv() -> KeyValueConfig:
     return KeyValueConfig(bucket=KV_HANDOFFS, history=1, storage=StorageType.FILE)
 
 
+def handoff_context(conversation_id: str) -> str:
+    """What a sealed HandoffNotice in KV "handoffs" is bound to (kefu.shared.crypto)."""
+    return f"handoffs/{conversation_id}"
+
+
+def media_context(media_id: str) -> str:
+    """What a sealed image in object store "media" is bound to (kefu.shared.crypto)."""
+    return f"media/{media_id}"
+
+
 def agents_kv() -> KeyValueConfig:
     """KV bucket "agents": "<tenant>.<agent_id>" -> AgentAccount (the gateway's agent accounts)."""
     return KeyValueConfig(bucket=KV_AGENTS, history=1, storage=StorageType.FILE)
@@ -83,3 +96,15 @@ def agents_kv() -> KeyValueConfig:
 def media_store() -> ObjectStoreConfig:
     """Object store "media": images visitors send (OCR reads them from here)."""
     return ObjectStoreConfig(bucket=OBJ_MEDIA, storage=StorageType.FILE, description="visitor media")
+
+
+def tenant_keys_kv() -> KeyValueConfig:
+    """KV bucket "tenant_keys": tenant -> TenantKeys (its data keys, wrapped by the master key)."""
+    return KeyValueConfig(bucket=KV_TENANT_KEYS, history=5, storage=StorageType.FILE)
+
+
+def audit_stream() -> StreamConfig:
+    """Stream AUDIT: the hash-chained log of admin actions, kept forever; the API may not delete from it
+    (an operator who turns that off first still leaves a gap that ``kefu audit verify`` reports)."""
+    return StreamConfig(name=STREAM_AUDIT, subjects=[AUDIT_SUBJECT], storage=StorageType.FILE,
+                        deny_delete=True, deny_purge=True, max_msg_size=64 * 1024)

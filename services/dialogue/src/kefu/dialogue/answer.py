@@ -38,6 +38,7 @@ from kefu.dialogue.policy import (
 from kefu.dialogue.state import Provenance
 from kefu.proto.bus.v1 import llm_pb2, retrieval_pb2
 from kefu.shared.bus import Bus, decode
+from kefu.shared.crypto import Keyring
 from kefu.shared.errors import DeadlineExceeded, KefuError, RateLimited, Unavailable, from_code
 from kefu.shared.lexicon import expansions
 from kefu.shared.logging import get_logger
@@ -90,10 +91,13 @@ class AnswerSettings:
 
 
 class Answerer:
-    def __init__(self, bus: Bus, settings: AnswerSettings, gloss: Gloss | None = None) -> None:
+    def __init__(self, bus: Bus, settings: AnswerSettings, gloss: Gloss | None = None,
+                 keyring: Keyring | None = None) -> None:
         self.bus = bus
         self.settings = settings
         self.gloss = gloss
+        # Jobs wait in stream LLM (on disk) with the visitor's words: sealed like the conversation.
+        self.keyring = keyring or Keyring(bus.js, None)
         # turn id -> (job id, inbox) of the generation running for it, so a departed visitor's turn
         # can be stopped.
         self.running: dict[str, tuple[str, str]] = {}
@@ -265,7 +269,8 @@ class Answerer:
             messages=[llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         )
         try:
-            await self.bus.js.publish(LLM_GENERATE, job.SerializeToString(), headers={"Nats-Msg-Id": job_id})
+            data = await self.keyring.seal(tenant, job.SerializeToString(), LLM_GENERATE)
+            await self.bus.js.publish(LLM_GENERATE, data, headers={"Nats-Msg-Id": job_id})
         except Exception as exc:
             if "maximum messages" in str(exc):  # the LLM queue is full (discard new)
                 raise RateLimited("the model is busy", code="busy", retry_after=2) from None

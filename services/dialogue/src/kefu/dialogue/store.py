@@ -1,4 +1,7 @@
-"""The conversation log (stream CONV) and its materialized-state cache (KV conv_state)."""
+"""The conversation log (stream CONV) and its materialized-state cache (KV conv_state).
+
+With encryption at rest on (``KEFU_MASTER_KEY``), event bodies and cached states are sealed with the
+tenant's data key (:mod:`kefu.shared.crypto`); what was written in clear before still reads."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from kefu.dialogue.codec import event_from_proto, event_to_proto, state_from_pro
 from kefu.dialogue.state import Body, Event, State, fold, reduce
 from kefu.proto.bus.v1 import events_pb2, turn_pb2
 from kefu.shared.bus import Bus, decode, ensure_kv, ensure_stream
+from kefu.shared.crypto import DecryptionFailed, Keyring, open_event, seal_event
 from kefu.shared.errors import Conflict, NotFound
 from kefu.shared.logging import get_logger
 from kefu.shared.streams import KV_CONV_STATE, STREAM_CONV, conv_stream, conv_subject
@@ -28,9 +32,10 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed Nats-Expected-L
 class ConversationStore:
     """Appends events with optimistic concurrency and loads state (cached, or folded from the log)."""
 
-    def __init__(self, bus: Bus, writer: str, local_states: int = 10_000) -> None:
+    def __init__(self, bus: Bus, writer: str, local_states: int = 10_000, keyring: Keyring | None = None) -> None:
         self.bus = bus
         self.writer = writer
+        self.keyring = keyring or Keyring(bus.js, None)
         self.kv: KeyValue | None = None
         # The states this replica wrote last, for its own next turn on them (see load(local=True)).
         self._local: OrderedDict[str, State] = OrderedDict()
@@ -57,8 +62,9 @@ class ConversationStore:
         headers = {"Nats-Msg-Id": msg_id or ev.id,
                    "Nats-Expected-Last-Subject-Sequence": str(state.stream_seq)}
         try:
+            pb = await seal_event(self.keyring, event_to_proto(ev))
             ack = await self.bus.js.publish(conv_subject(state.tenant, state.conversation_id),
-                                            event_to_proto(ev).SerializeToString(), headers=headers)
+                                            pb.SerializeToString(), headers=headers)
         except APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise Conflict("the conversation changed meanwhile", code="concurrent_update") from None
@@ -81,7 +87,9 @@ class ConversationStore:
     async def _cache(self, state: State) -> None:
         assert self.kv is not None
         try:
-            await self.kv.put(state.conversation_id, state_to_proto(state).SerializeToString())
+            value = await self.keyring.seal(state.tenant, state_to_proto(state).SerializeToString(),
+                                            _state_context(state.conversation_id))
+            await self.kv.put(state.conversation_id, value)
         except (nats.errors.Error, APIError) as exc:  # the cache is an optimisation: the log is the truth
             log.warning("state cache write failed", error=str(exc))
 
@@ -104,9 +112,12 @@ class ConversationStore:
         try:
             entry = await self.kv.get(conversation_id)
             if entry.value:
-                cached = state_from_proto(decode(turn_pb2.ConversationState, entry.value))
+                value = await self.keyring.open(entry.value, _state_context(conversation_id))
+                cached = state_from_proto(decode(turn_pb2.ConversationState, value))
         except (KeyNotFoundError, InvalidKeyError):  # not a key a conversation of ours can have ("中文")
             pass
+        except DecryptionFailed as exc:  # a cache entry that does not authenticate: rebuilt from the log
+            log.warning("cached state rejected", conversation_id=conversation_id, error=exc.message)
         if cached is not None and not verify:
             return cached
         subject, count, last_seq = await self._locate(conversation_id, cached.tenant if cached else None)
@@ -148,10 +159,14 @@ class ConversationStore:
         try:
             while len(events) < count:
                 msg = await sub.next_msg(timeout=5)
-                events.append(event_from_proto(decode(events_pb2.Event, msg.data)))
+                events.append(event_from_proto(await open_event(self.keyring, decode(events_pb2.Event, msg.data))))
                 stream_seq = msg.metadata.sequence.stream
                 if msg.metadata.num_pending == 0:
                     break
         finally:
             await sub.unsubscribe()
         return events, stream_seq
+
+
+def _state_context(conversation_id: str) -> str:
+    return f"conv_state/{conversation_id}"

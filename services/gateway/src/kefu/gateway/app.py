@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from pathlib import Path
 
+import grpc
 from aiohttp import web
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kefu.gateway.agents import AgentDirectory
 from kefu.gateway.auth import Auth, Origins
@@ -14,8 +16,10 @@ from kefu.gateway.feed import follow_reconnects
 from kefu.gateway.grpc_api import start_grpc
 from kefu.gateway.http import HttpApi
 from kefu.gateway.ratelimit import RateLimits
+from kefu.shared.audit import AuditLog
 from kefu.shared.bus import Bus
 from kefu.shared.config import KefuSettings, admin_token, signing_secret
+from kefu.shared.crypto import Keyring
 from kefu.shared.service import Service
 
 BACKEND_SERVICES = "dialogue,retrieval,inference,plugins"
@@ -67,6 +71,31 @@ class GatewaySettings(KefuSettings):
     grpc_max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     grpc_max_call_s: float = Field(default=120.0, gt=0)
     grpc_max_stream_s: float = Field(default=3600.0, gt=0)
+    # TLS for gRPC: the server's certificate and key (PEM); with _CLIENT_CA, clients must present a
+    # certificate it signed (mTLS). Unset: plaintext (behind a TLS-terminating proxy or on loopback).
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _grpc_tls_files(self) -> GatewaySettings:
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("KEFU_GRPC_TLS_CERT and KEFU_GRPC_TLS_KEY go together")
+        if self.grpc_tls_client_ca is not None and self.grpc_tls_cert is None:
+            raise ValueError("KEFU_GRPC_TLS_CLIENT_CA needs KEFU_GRPC_TLS_CERT and KEFU_GRPC_TLS_KEY")
+        for path in (self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_client_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"no such file: {path}")
+        return self
+
+
+def grpc_tls(s: GatewaySettings) -> grpc.ServerCredentials | None:
+    """The gRPC server's TLS credentials (requiring a client certificate when a client CA is set)."""
+    if s.grpc_tls_cert is None or s.grpc_tls_key is None:
+        return None
+    client_ca = s.grpc_tls_client_ca.read_bytes() if s.grpc_tls_client_ca else None
+    return grpc.ssl_server_credentials([(s.grpc_tls_key.read_bytes(), s.grpc_tls_cert.read_bytes())],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 class GatewayService(Service):
@@ -85,7 +114,8 @@ class GatewayService(Service):
         services = [x.strip() for x in s.ready_services.split(",") if x.strip()]
         tenants = frozenset(x.strip() for x in s.tenants.split(",") if x.strip())
         core = Core(bus, turn_timeout=s.turn_timeout, services=services, tenants=tenants,
-                    search_timeout=s.search_timeout)
+                    search_timeout=s.search_timeout, keyring=Keyring.from_settings(bus.js, s),
+                    audit=AuditLog(bus.js, s.crypto, f"gateway/{s.instance}"))
         await core.setup()
         follow_reconnects(core)  # open sockets catch up on what was published while NATS was out of reach
         agents = AgentDirectory(bus, auth, s.agent_token_ttl)
@@ -103,7 +133,7 @@ class GatewayService(Service):
         server, self.grpc_port, health = await start_grpc(
             core, auth, f"{s.grpc_host}:{s.grpc_port}", limits, s.forwarded_hops,
             max_message_bytes=s.grpc_max_message_bytes, max_call_s=s.grpc_max_call_s,
-            max_stream_s=s.grpc_max_stream_s)
+            max_stream_s=s.grpc_max_stream_s, tls=grpc_tls(s))
 
         async def stop_grpc() -> None:
             # Health goes NOT_SERVING first so balancers stop sending; in-flight calls get a grace period.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,16 +14,20 @@ import nats.js.errors
 
 from kefu.gateway.router import OutRouter
 from kefu.proto.bus.v1 import common_pb2, plugin_pb2, retrieval_pb2, turn_pb2
+from kefu.shared.audit import AuditLog
 from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
+from kefu.shared.crypto import Keyring
 from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, NotFound, PayloadTooLarge, Unavailable
 from kefu.shared.service import health_subject
 from kefu.shared.streams import (
     MAX_DOCUMENT_BYTES,
     MAX_MEDIA_BYTES,
     TURN_CANCEL,
+    handoff_context,
     handoffs_kv,
     kb_stream,
     kb_subject,
+    media_context,
     media_store,
 )
 
@@ -46,8 +51,12 @@ class Core:
     """The gateway's view of kefu: conversations via dialogue, knowledge via stream KB and retrieval."""
 
     def __init__(self, bus: Bus, *, turn_timeout: float, services: list[str], tenants: frozenset[str] = frozenset(),
-                 search_timeout: float = 40.0) -> None:
+                 search_timeout: float = 40.0, keyring: Keyring | None = None, audit: AuditLog | None = None) -> None:
         self.bus = bus
+        # Encryption at rest of what the gateway stores (media) and reads (the handoff queue).
+        self.keyring = keyring or Keyring(bus.js, None)
+        # Where admin actions are recorded (None: not recorded, e.g. a test's bare Core).
+        self.audit = audit
         self.turn_timeout = turn_timeout
         # Retrieval may wait for a just-stored document to be indexed (up to its KEFU_SEARCH_WAIT).
         self.search_timeout = search_timeout
@@ -62,6 +71,8 @@ class Core:
 
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, kb_stream())
+        if self.audit is not None:
+            await self.audit.setup()
         self.media = await ensure_object_store(self.bus.js, media_store())
         self.handoffs = await ensure_kv(self.bus.js, handoffs_kv())
         await self.router.start(self.bus.nc)
@@ -75,8 +86,14 @@ class Core:
 
     # Knowledge
 
+    async def audited(self, action: str, actor: str, *, tenant: str = "", target: str = "",
+                      details: dict[str, object] | None = None) -> None:
+        """Record an admin action that was just done in the audit log (stream AUDIT)."""
+        if self.audit is not None:
+            await self.audit.record(action, actor, tenant=tenant, target=target, details=details)
+
     async def upsert_document(self, tenant: str, doc_id: str, title: str, text: str,
-                              metadata: dict[str, str]) -> int:
+                              metadata: dict[str, str], actor: str = "admin") -> int:
         self.tenant(tenant)
         subject_token(doc_id)
         if not text.strip():
@@ -89,14 +106,19 @@ class Core:
         data = doc.SerializeToString()
         if len(data) > MAX_DOCUMENT_BYTES:
             raise PayloadTooLarge(f"documents are limited to {MAX_DOCUMENT_BYTES} bytes")
-        return await self._store_kb(kb_subject(tenant, doc_id), data)
+        version = await self._store_kb(kb_subject(tenant, doc_id), data)
+        await self.audited("document.upsert", actor, tenant=tenant, target=doc_id,
+                           details={"version": version, "bytes": len(text.encode())})
+        return version
 
-    async def delete_document(self, tenant: str, doc_id: str) -> int:
+    async def delete_document(self, tenant: str, doc_id: str, actor: str = "admin") -> int:
         self.tenant(tenant)
         subject_token(doc_id)
         tombstone = retrieval_pb2.Document(tenant=tenant, doc_id=doc_id, deleted=True,
                                            updated_ms=int(time.time() * 1000))
-        return await self._store_kb(kb_subject(tenant, doc_id), tombstone.SerializeToString())
+        version = await self._store_kb(kb_subject(tenant, doc_id), tombstone.SerializeToString())
+        await self.audited("document.delete", actor, tenant=tenant, target=doc_id, details={"version": version})
+        return version
 
     async def _store_kb(self, subject: str, data: bytes) -> int:
         try:
@@ -209,17 +231,23 @@ class Core:
             except nats.js.errors.KeyNotFoundError:
                 continue
             if entry.value:
-                notices.append(decode(turn_pb2.HandoffNotice, entry.value))
+                value = await self.keyring.open(entry.value, handoff_context(key))
+                notices.append(decode(turn_pb2.HandoffNotice, value))
         return sorted(notices, key=lambda n: n.ts_ms)
 
-    async def add_image(self, conversation_id: str, image: bytes) -> turn_pb2.ImageReply:
-        """Store a PNG or JPEG the visitor sent and add its text (OCR) to the conversation."""
+    async def add_image(self, conversation_id: str, image: bytes, tenant: str = "") -> turn_pb2.ImageReply:
+        """Store a PNG or JPEG the visitor sent (sealed with ``tenant``'s key when encryption is on) and
+        add its text (OCR) to the conversation."""
         subject_token(conversation_id)
         if not image.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
             raise BadRequest("the file must be a PNG or JPEG image", code="invalid_image")
         if len(image) > MAX_MEDIA_BYTES:
             raise PayloadTooLarge(f"images are limited to {MAX_MEDIA_BYTES} bytes")
         media_id = f"{conversation_id}/{uuid.uuid4().hex}"
+        if self.keyring.enabled:
+            if not tenant:
+                raise BadRequest("the conversation's tenant is needed to store its media", code="missing_field")
+            image = await self.keyring.seal(tenant, image, media_context(media_id))
         try:
             await self.media.put(media_id, image)
         except Exception as exc:
@@ -243,12 +271,19 @@ class Core:
             tenant=self.tenant(tenant), all=True), plugin_pb2.ListPluginsReply)
 
     async def configure_plugin(self, tenant: str, plugin: str, enabled: bool,
-                               settings_json: str) -> plugin_pb2.ConfigurePluginReply:
-        return await self.bus.request("kefu.plugins.configure", plugin_pb2.ConfigurePluginRequest(
+                               settings_json: str, actor: str = "admin") -> plugin_pb2.ConfigurePluginReply:
+        done = await self.bus.request("kefu.plugins.configure", plugin_pb2.ConfigurePluginRequest(
             tenant=self.tenant(tenant), plugin=subject_token(plugin), enabled=enabled, settings_json=settings_json),
             plugin_pb2.ConfigurePluginReply)
+        try:
+            names = ",".join(sorted(json.loads(settings_json or "{}")))  # the setting names, never their values
+        except (ValueError, TypeError):
+            names = ""
+        await self.audited("plugin.configure", actor, tenant=tenant, target=done.plugin,
+                           details={"enabled": done.enabled, "settings": names})
+        return done
 
-    async def reload_plugins(self, wait: float = 3.0) -> list[plugin_pb2.ListPluginsReply]:
+    async def reload_plugins(self, wait: float = 3.0, actor: str = "admin") -> list[plugin_pb2.ListPluginsReply]:
         """Reload the plugins on every plugins replica; what each one now serves (and what failed)."""
         replies: list[plugin_pb2.ListPluginsReply] = []
         async with self.bus.inbox() as (inbox, sub):
@@ -266,7 +301,52 @@ class Core:
                     replies.append(decode(plugin_pb2.ListPluginsReply, msg.data))
         if not replies:
             raise Unavailable("no plugins service answered", code="service_unavailable")
+        await self.audited("plugins.reload", actor, details={
+            "replicas": len(replies), "errors": sum(len(r.errors) for r in replies)})
         return replies
+
+    # Keys and the audit log
+
+    async def rotate_keys(self, *, data_keys: bool, tenants: list[str] | None, actor: str) -> dict[str, object]:
+        """Re-wrap every data key under the current master key, or (``data_keys``) give ``tenants`` (default:
+        all) a new data key version for new writes. Safe to run while everything runs, and to run again."""
+        if not self.keyring.enabled:
+            raise BadRequest("encryption at rest is off: set KEFU_MASTER_KEY first", code="encryption_off")
+        if data_keys:
+            report = await self.keyring.rotate_data_keys([self.tenant(t) for t in tenants] if tenants else None)
+            await self.audited("keys.rotate_data", actor, details={
+                "tenants": report.tenants, "versions": ",".join(f"{t}={v}" for t, v in sorted(report.added.items()))})
+            return {"rotated": "data_keys", "tenants": report.tenants, "versions": report.added}
+        report = await self.keyring.rotate_master()
+        assert self.keyring.master is not None
+        await self.audited("keys.rotate_master", actor, details={
+            "master_key_id": self.keyring.master.id, "tenants": report.tenants, "rewrapped": report.rewrapped,
+            "failed": ",".join(sorted(report.failed))})
+        return {"rotated": "master_key", "master_key_id": self.keyring.master.id, "tenants": report.tenants,
+                "rewrapped": report.rewrapped, "already": report.already,
+                "failed": [{"tenant": t, "reason": why} for t, why in sorted(report.failed.items())]}
+
+    async def keys(self) -> dict[str, object]:
+        """Whether encryption is on, the master key's fingerprint, and each tenant's key versions."""
+        master = self.keyring.master
+        return {"enabled": self.keyring.enabled, "suite": self.keyring.suite,
+                "master_key_id": master.id if master else "", "old_master_key_ids": [m.id for m in self.keyring.old],
+                "tenants": await self.keyring.describe() if (master or self.keyring.old) else []}
+
+    def _audit(self) -> AuditLog:
+        if self.audit is None:
+            raise Unavailable("this gateway keeps no audit log", code="audit_unavailable")
+        return self.audit
+
+    async def audit_list(self, limit: int, tenant: str = "") -> list[dict[str, object]]:
+        return await self._audit().list(limit=limit, tenant=tenant)
+
+    async def audit_verify(self) -> dict[str, object]:
+        report = await self._audit().verify()
+        problem = report.problem
+        return {"ok": report.ok, "records": report.records, "head": report.head,
+                "algorithms": sorted(report.algorithms),
+                "problem": {"index": problem.index, "seq": problem.seq, "reason": problem.reason} if problem else None}
 
     # Readiness
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/events.proto\x12\x0bkefu.bus.v1\"\xda\x05\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x0e\n\x06writer\x18\x06 \x01(\t\x12\x0f\n\x07lamport\x18\x07 \x01(\x04\x12\x33\n\x07started\x18\n \x01(\x0b\x32 .kefu.bus.v1.ConversationStartedH\x00\x12\x36\n\x0fvisitor_message\x18\x0b \x01(\x0b\x32\x1b.kefu.bus.v1.VisitorMessageH\x00\x12*\n\tbot_reply\x18\x0c \x01(\x0b\x32\x15.kefu.bus.v1.BotReplyH\x00\x12\x32\n\ragent_message\x18\r \x01(\x0b\x32\x19.kefu.bus.v1.AgentMessageH\x00\x12\x30\n\x0cmode_changed\x18\x0e \x01(\x0b\x32\x18.kefu.bus.v1.ModeChangedH\x00\x12(\n\x08slot_set\x18\x0f \x01(\x0b\x32\x14.kefu.bus.v1.SlotSetH\x00\x12,\n\nocr_result\x18\x10 \x01(\x0b\x32\x16.kefu.bus.v1.OcrResultH\x00\x12*\n\ttag_added\x18\x11 \x01(\x0b\x32\x15.kefu.bus.v1.TagAddedH\x00\x12.\n\x0btag_removed\x18\x12 \x01(\x0b\x32\x17.kefu.bus.v1.TagRemovedH\x00\x12\x36\n\rtool_proposed\x18\x13 \x01(\x0b\x32\x1d.kefu.bus.v1.ToolCallProposedH\x00\x12\x38\n\x0etool_confirmed\x18\x14 \x01(\x0b\x32\x1e.kefu.bus.v1.ToolCallConfirmedH\x00\x12\x32\n\x0btool_result\x18\x15 \x01(\x0b\x32\x1b.kefu.bus.v1.ToolCallResultH\x00\x42\x06\n\x04\x62ody\"\x17\n\x08TagAdded\x12\x0b\n\x03tag\x18\x01 \x01(\t\"*\n\nTagRemoved\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_ids\x18\x02 \x03(\t\")\n\x13\x43onversationStarted\x12\x12\n\nvisitor_id\x18\x01 \x01(\t\"\x9a\x01\n\x0eVisitorMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rclient_msg_id\x18\x02 \x01(\t\x12\x35\n\x05slots\x18\x03 \x03(\x0b\x32&.kefu.bus.v1.VisitorMessage.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"}\n\x08\x42otReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x12+\n\nprovenance\x18\x05 \x01(\x0b\x32\x17.kefu.bus.v1.Provenance\"\x9e\x02\n\nProvenance\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x11\n\tchunk_ids\x18\x04 \x03(\t\x12\x10\n\x08versions\x18\x05 \x03(\x04\x12\x0e\n\x06scores\x18\x06 \x03(\x02\x12\x10\n\x08\x65vidence\x18\x07 \x01(\t\x12\x16\n\x0erequired_facts\x18\x08 \x03(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x10\n\x08sampling\x18\n \x01(\t\x12\x15\n\rprompt_sha256\x18\x0b \x01(\t\x12\x16\n\x0egenerated_used\x18\x0c \x01(\x08\x12\x14\n\x0cprompt_chars\x18\r \x01(\r\x12\x18\n\x10generation_error\x18\x0e \x01(\t\".\n\x0c\x41gentMessage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"D\n\x0bModeChanged\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fhandoff_summary\x18\x03 \x01(\t\"&\n\x07SlotSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x8b\x01\n\tOcrResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\t\x12\x30\n\x05slots\x18\x03 \x03(\x0b\x32!.kefu.bus.v1.OcrResult.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x01\n\x10ToolCallProposed\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x05 \x01(\t\x12\x14\n\x0c\x63onfirmation\x18\x06 \x01(\t\x12\x0f\n\x07summary\x18\x07 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x08 \x01(\x04\"\x8f\x01\n\x11ToolCallConfirmed\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x04 \x01(\t\x12\n\n\x02\x62y\x18\x05 \x01(\t\x12\x13\n\x0bmessage_seq\x18\x06 \x01(\x04\x12\x10\n\x08\x64\x65\x63lined\x18\x07 \x01(\x08\"\xa3\x01\n\x0eToolCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x16\n\x0eplugin_version\x18\x08 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/events.proto\x12\x0bkefu.bus.v1\"\xec\x05\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x0e\n\x06writer\x18\x06 \x01(\t\x12\x0f\n\x07lamport\x18\x07 \x01(\x04\x12\x33\n\x07started\x18\n \x01(\x0b\x32 .kefu.bus.v1.ConversationStartedH\x00\x12\x36\n\x0fvisitor_message\x18\x0b \x01(\x0b\x32\x1b.kefu.bus.v1.VisitorMessageH\x00\x12*\n\tbot_reply\x18\x0c \x01(\x0b\x32\x15.kefu.bus.v1.BotReplyH\x00\x12\x32\n\ragent_message\x18\r \x01(\x0b\x32\x19.kefu.bus.v1.AgentMessageH\x00\x12\x30\n\x0cmode_changed\x18\x0e \x01(\x0b\x32\x18.kefu.bus.v1.ModeChangedH\x00\x12(\n\x08slot_set\x18\x0f \x01(\x0b\x32\x14.kefu.bus.v1.SlotSetH\x00\x12,\n\nocr_result\x18\x10 \x01(\x0b\x32\x16.kefu.bus.v1.OcrResultH\x00\x12*\n\ttag_added\x18\x11 \x01(\x0b\x32\x15.kefu.bus.v1.TagAddedH\x00\x12.\n\x0btag_removed\x18\x12 \x01(\x0b\x32\x17.kefu.bus.v1.TagRemovedH\x00\x12\x36\n\rtool_proposed\x18\x13 \x01(\x0b\x32\x1d.kefu.bus.v1.ToolCallProposedH\x00\x12\x38\n\x0etool_confirmed\x18\x14 \x01(\x0b\x32\x1e.kefu.bus.v1.ToolCallConfirmedH\x00\x12\x32\n\x0btool_result\x18\x15 \x01(\x0b\x32\x1b.kefu.bus.v1.ToolCallResultH\x00\x12\x10\n\x06sealed\x18\x1e \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x17\n\x08TagAdded\x12\x0b\n\x03tag\x18\x01 \x01(\t\"*\n\nTagRemoved\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_ids\x18\x02 \x03(\t\")\n\x13\x43onversationStarted\x12\x12\n\nvisitor_id\x18\x01 \x01(\t\"\x9a\x01\n\x0eVisitorMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rclient_msg_id\x18\x02 \x01(\t\x12\x35\n\x05slots\x18\x03 \x03(\x0b\x32&.kefu.bus.v1.VisitorMessage.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"}\n\x08\x42otReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tcitations\x18\x03 \x03(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x12+\n\nprovenance\x18\x05 \x01(\x0b\x32\x17.kefu.bus.v1.Provenance\"\x9e\x02\n\nProvenance\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x11\n\tchunk_ids\x18\x04 \x03(\t\x12\x10\n\x08versions\x18\x05 \x03(\x04\x12\x0e\n\x06scores\x18\x06 \x03(\x02\x12\x10\n\x08\x65vidence\x18\x07 \x01(\t\x12\x16\n\x0erequired_facts\x18\x08 \x03(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x10\n\x08sampling\x18\n \x01(\t\x12\x15\n\rprompt_sha256\x18\x0b \x01(\t\x12\x16\n\x0egenerated_used\x18\x0c \x01(\x08\x12\x14\n\x0cprompt_chars\x18\r \x01(\r\x12\x18\n\x10generation_error\x18\x0e \x01(\t\".\n\x0c\x41gentMessage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"D\n\x0bModeChanged\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fhandoff_summary\x18\x03 \x01(\t\"&\n\x07SlotSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x8b\x01\n\tOcrResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08media_id\x18\x02 \x01(\t\x12\x30\n\x05slots\x18\x03 \x03(\x0b\x32!.kefu.bus.v1.OcrResult.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x01\n\x10ToolCallProposed\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x05 \x01(\t\x12\x14\n\x0c\x63onfirmation\x18\x06 \x01(\t\x12\x0f\n\x07summary\x18\x07 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x08 \x01(\x04\"\x8f\x01\n\x11ToolCallConfirmed\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x04 \x01(\t\x12\n\n\x02\x62y\x18\x05 \x01(\t\x12\x13\n\x0bmessage_seq\x18\x06 \x01(\x04\x12\x10\n\x08\x64\x65\x63lined\x18\x07 \x01(\x08\"\xa3\x01\n\x0eToolCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x16\n\x0eplugin_version\x18\x08 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,35 +37,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OCRRESULT_SLOTSENTRY']._loaded_options = None
   _globals['_OCRRESULT_SLOTSENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=42
-  _globals['_EVENT']._serialized_end=772
-  _globals['_TAGADDED']._serialized_start=774
-  _globals['_TAGADDED']._serialized_end=797
-  _globals['_TAGREMOVED']._serialized_start=799
-  _globals['_TAGREMOVED']._serialized_end=841
-  _globals['_CONVERSATIONSTARTED']._serialized_start=843
-  _globals['_CONVERSATIONSTARTED']._serialized_end=884
-  _globals['_VISITORMESSAGE']._serialized_start=887
-  _globals['_VISITORMESSAGE']._serialized_end=1041
-  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_start=997
-  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_end=1041
-  _globals['_BOTREPLY']._serialized_start=1043
-  _globals['_BOTREPLY']._serialized_end=1168
-  _globals['_PROVENANCE']._serialized_start=1171
-  _globals['_PROVENANCE']._serialized_end=1457
-  _globals['_AGENTMESSAGE']._serialized_start=1459
-  _globals['_AGENTMESSAGE']._serialized_end=1505
-  _globals['_MODECHANGED']._serialized_start=1507
-  _globals['_MODECHANGED']._serialized_end=1575
-  _globals['_SLOTSET']._serialized_start=1577
-  _globals['_SLOTSET']._serialized_end=1615
-  _globals['_OCRRESULT']._serialized_start=1618
-  _globals['_OCRRESULT']._serialized_end=1757
-  _globals['_OCRRESULT_SLOTSENTRY']._serialized_start=997
-  _globals['_OCRRESULT_SLOTSENTRY']._serialized_end=1041
-  _globals['_TOOLCALLPROPOSED']._serialized_start=1760
-  _globals['_TOOLCALLPROPOSED']._serialized_end=1935
-  _globals['_TOOLCALLCONFIRMED']._serialized_start=1938
-  _globals['_TOOLCALLCONFIRMED']._serialized_end=2081
-  _globals['_TOOLCALLRESULT']._serialized_start=2084
-  _globals['_TOOLCALLRESULT']._serialized_end=2247
+  _globals['_EVENT']._serialized_end=790
+  _globals['_TAGADDED']._serialized_start=792
+  _globals['_TAGADDED']._serialized_end=815
+  _globals['_TAGREMOVED']._serialized_start=817
+  _globals['_TAGREMOVED']._serialized_end=859
+  _globals['_CONVERSATIONSTARTED']._serialized_start=861
+  _globals['_CONVERSATIONSTARTED']._serialized_end=902
+  _globals['_VISITORMESSAGE']._serialized_start=905
+  _globals['_VISITORMESSAGE']._serialized_end=1059
+  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_start=1015
+  _globals['_VISITORMESSAGE_SLOTSENTRY']._serialized_end=1059
+  _globals['_BOTREPLY']._serialized_start=1061
+  _globals['_BOTREPLY']._serialized_end=1186
+  _globals['_PROVENANCE']._serialized_start=1189
+  _globals['_PROVENANCE']._serialized_end=1475
+  _globals['_AGENTMESSAGE']._serialized_start=1477
+  _globals['_AGENTMESSAGE']._serialized_end=1523
+  _globals['_MODECHANGED']._serialized_start=1525
+  _globals['_MODECHANGED']._serialized_end=1593
+  _globals['_SLOTSET']._serialized_start=1595
+  _globals['_SLOTSET']._serialized_end=1633
+  _globals['_OCRRESULT']._serialized_start=1636
+  _globals['_OCRRESULT']._serialized_end=1775
+  _globals['_OCRRESULT_SLOTSENTRY']._serialized_start=1015
+  _globals['_OCRRESULT_SLOTSENTRY']._serialized_end=1059
+  _globals['_TOOLCALLPROPOSED']._serialized_start=1778
+  _globals['_TOOLCALLPROPOSED']._serialized_end=1953
+  _globals['_TOOLCALLCONFIRMED']._serialized_start=1956
+  _globals['_TOOLCALLCONFIRMED']._serialized_end=2099
+  _globals['_TOOLCALLRESULT']._serialized_start=2102
+  _globals['_TOOLCALLRESULT']._serialized_end=2265
 # @@protoc_insertion_point(module_scope)

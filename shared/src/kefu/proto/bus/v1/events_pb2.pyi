@@ -44,6 +44,7 @@ class Event(_message.Message):
     TOOL_PROPOSED_FIELD_NUMBER: _builtins.int
     TOOL_CONFIRMED_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique; used as Nats-Msg-Id so a retried append is stored once."""
     conversation_id: _builtins.str
@@ -54,6 +55,11 @@ class Event(_message.Message):
     writer: _builtins.str
     """Who wrote it (e.g. "dialogue/<instance>", "agent/<id>") and its Lamport clock, for CRDT ordering."""
     lamport: _builtins.int
+    sealed: _builtins.bytes
+    """With encryption at rest on: one of the bodies above, as an Event holding only that body, sealed with
+    the tenant's data key (kefu.shared.crypto; bound to tenant, conversation, seq and id). The fields
+    above the body stay in clear: they route and order the event.
+    """
     @_builtins.property
     def started(self) -> Global___ConversationStarted: ...
     @_builtins.property
@@ -100,12 +106,13 @@ class Event(_message.Message):
         tool_proposed: Global___ToolCallProposed | None = ...,
         tool_confirmed: Global___ToolCallConfirmed | None = ...,
         tool_result: Global___ToolCallResult | None = ...,
+        sealed: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tool_confirmed", b"tool_confirmed", "tool_proposed", b"tool_proposed", "tool_result", b"tool_result", "visitor_message", b"visitor_message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "sealed", b"sealed", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tool_confirmed", b"tool_confirmed", "tool_proposed", b"tool_proposed", "tool_result", b"tool_result", "visitor_message", b"visitor_message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "conversation_id", b"conversation_id", "id", b"id", "lamport", b"lamport", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "seq", b"seq", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tenant", b"tenant", "tool_confirmed", b"tool_confirmed", "tool_proposed", b"tool_proposed", "tool_result", b"tool_result", "ts_ms", b"ts_ms", "visitor_message", b"visitor_message", "writer", b"writer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_message", b"agent_message", "body", b"body", "bot_reply", b"bot_reply", "conversation_id", b"conversation_id", "id", b"id", "lamport", b"lamport", "mode_changed", b"mode_changed", "ocr_result", b"ocr_result", "sealed", b"sealed", "seq", b"seq", "slot_set", b"slot_set", "started", b"started", "tag_added", b"tag_added", "tag_removed", b"tag_removed", "tenant", b"tenant", "tool_confirmed", b"tool_confirmed", "tool_proposed", b"tool_proposed", "tool_result", b"tool_result", "ts_ms", b"ts_ms", "visitor_message", b"visitor_message", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "visitor_message", "bot_reply", "agent_message", "mode_changed", "slot_set", "ocr_result", "tag_added", "tag_removed", "tool_proposed", "tool_confirmed", "tool_result"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "visitor_message", "bot_reply", "agent_message", "mode_changed", "slot_set", "ocr_result", "tag_added", "tag_removed", "tool_proposed", "tool_confirmed", "tool_result", "sealed"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
