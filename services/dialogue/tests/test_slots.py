@@ -147,3 +147,13 @@ def test_a_question_of_nothing_of_its_own_is_about_what_was_just_asked():
     # "What about ...?" leans on the whole previous question, not only its product.
     assert rewrite("What about the case?", {"product": "EB-20"}, "EB-20 If I lose one, what does it cost?") == \
         "EB-20 If I lose one, what does it cost? What about the case?"
+
+
+def test_small_talk_does_not_lean_on_the_previous_topic():
+    from kefu.dialogue.slots import leans_on
+
+    previous = "How much is the X100?"
+    for text in ("Are you a robot?", "你是机器人吗？", "Who are you?", "你好，在吗？", "Thanks, anything else?"):
+        assert not leans_on(text), text
+        assert rewrite(text, {}, previous) == text
+    assert leans_on("Is there a limit on how many I can add?")

@@ -18,6 +18,8 @@ log = get_logger("kefu.dialogue.plugins")
 PLUGINS_CHANGED = "kefu.plugins.changed"
 # How long a tenant's listing is trusted when no change was announced (a missed announcement heals).
 LISTING_TTL_S = 30.0
+# After a failed listing (no plugins service): how long turns go on without asking again.
+FAILED_LISTING_TTL_S = 5.0
 HOOK_TIMEOUT_S = 1.5
 LIST_TIMEOUT_S = 1.0
 
@@ -29,6 +31,7 @@ class Offer:
     tools: list[ToolSpec] = field(default_factory=list)
     hooks: set[str] = field(default_factory=set)
     fetched: float = 0.0
+    ttl: float = LISTING_TTL_S
 
 
 def specs_from_listing(reply: plugin_pb2.ListPluginsReply) -> Offer:
@@ -64,14 +67,18 @@ class Plugins:
     async def offer(self, tenant: str) -> Offer:
         """The tenant's tools and hooks; nothing (and no error) while the plugins service is away."""
         cached = self._offers.get(tenant)
-        if cached is not None and time.monotonic() - cached.fetched < LISTING_TTL_S:
+        if cached is not None and time.monotonic() - cached.fetched < cached.ttl:
             return cached
         try:
             reply = await self.bus.request("kefu.plugins.list", plugin_pb2.ListPluginsRequest(tenant=tenant),
                                            plugin_pb2.ListPluginsReply, timeout=LIST_TIMEOUT_S)
         except KefuError as exc:
             log.warning("plugins not listed", tenant=tenant, code=exc.code)
-            return cached or Offer()
+            # What was offered before stays offered; either way, not asked again on every turn.
+            offer = Offer(cached.tools, cached.hooks) if cached else Offer()
+            offer.fetched, offer.ttl = time.monotonic(), FAILED_LISTING_TTL_S
+            self._offers[tenant] = offer
+            return offer
         offer = self._offers[tenant] = specs_from_listing(reply)
         return offer
 

@@ -137,9 +137,16 @@ _QUESTION = re.compile(r"[?？]\s*$|吗|呢|怎么|多少|几|哪|什么|是否|
 
 def leans_on(text: str) -> bool:
     """A question that names nothing of its own (no product, code or concept): "Is there a limit on how many
-    I can add?", "只有一边有声音怎么办？". In a conversation it is about what was just asked about."""
+    I can add?", "只有一边有声音怎么办？". In a conversation it is about what was just asked about — unless
+    it is small talk with the bot itself ("Are you a robot?", "你是谁？"), which is about no product."""
     normalized = unicodedata.normalize("NFKC", text)
-    return bool(_QUESTION.search(normalized)) and not _PRODUCT.search(normalized) and not concepts(text)
+    return (bool(_QUESTION.search(normalized)) and not _PRODUCT.search(normalized) and not concepts(text)
+            and not _SMALL_TALK.search(normalized))
+
+
+_SMALL_TALK = re.compile(
+    r"\b(are|r) (you|u)\b|\bwho (are|r) (you|u)\b|\byour name\b|\b(robot|bot|chatbot|ai|human|real person)\b|"
+    r"\b(hello|hi|hey|thanks|thank you)\b|你是|你叫|你们是谁|机器人|人工智能|真人|你好|谢谢|在吗", re.I)
 
 
 # "换个问题，", "另外问一下，", "Different question:", "By the way,": what follows is a new topic.
