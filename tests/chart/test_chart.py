@@ -213,6 +213,12 @@ def test_secrets_reach_the_services_that_need_them() -> None:
     assert base64.b64decode(secret["master-key"]).decode() == key
     assert base64.b64decode(secret["admin-token"]).decode() == "let-me-in-0123456789"
     assert {env(objs, s)["KEFU_CRYPTO"] for s in SERVICES} == {"sm"}
+    # A rotation's previous key goes to master-key-old, which the pods read as KEFU_MASTER_KEY_OLD.
+    new = base64.b64encode(bytes(range(1, 33))).decode()
+    data = objects(render(f"encryption.previousMasterKey={new}"), "Secret")["kefu-secrets"]["data"]
+    assert base64.b64decode(data["master-key-old"]).decode() == new and "master-key" in data
+    assert "master-key-old" not in objects(render(), "Secret")["kefu-secrets"]["data"]
+    assert "previousMasterKey must be the base64 of 32 bytes" in render_error("encryption.previousMasterKey=abcd")
 
 
 def test_existing_secrets_are_used_and_not_created() -> None:
