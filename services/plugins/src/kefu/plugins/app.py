@@ -270,7 +270,7 @@ class PluginsService(Service):
         limiter.check(req.tenant)
         if req.call_id:
             subject_token(req.call_id)
-            if (done := await self._claim(req.call_id)) is not None:
+            if (done := await self._claim(req.call_id, req.tenant)) is not None:
                 return done
         try:
             ctx = self._context(plugin, req.tenant, req.conversation_id, config, call_id=req.call_id, lang=req.lang)
@@ -283,12 +283,14 @@ class PluginsService(Service):
         reply = plugin_pb2.ToolCallReply(result_json=json.dumps(result, ensure_ascii=False, default=str),
                                          version=plugin.version)
         if req.call_id:
-            await self.calls_kv.put(req.call_id, reply.SerializeToString())
+            # The result can hold what the tool looked up (an order, an address): sealed like the conversation.
+            await self.calls_kv.put(req.call_id, await self.keyring.seal(req.tenant, reply.SerializeToString(),
+                                                                         _call_context(req.call_id)))
         self.log.info("tool called", plugin=plugin.name, version=plugin.version, tool=tool.name, tenant=req.tenant,
                       conversation_id=req.conversation_id, side_effecting=tool.side_effecting)
         return reply
 
-    async def _claim(self, call_id: str) -> plugin_pb2.ToolCallReply | None:
+    async def _claim(self, call_id: str, tenant: str) -> plugin_pb2.ToolCallReply | None:
         """None when this replica may run ``call_id`` now; its stored result when it already ran."""
         try:
             await self.calls_kv.create(call_id, b"")
@@ -298,7 +300,9 @@ class PluginsService(Service):
         entry = await self.calls_kv.get(call_id)
         if not entry.value:
             raise Conflict(f"call {call_id} is running", code="call_in_progress")
-        done = decode(plugin_pb2.ToolCallReply, entry.value)
+        if (owner := Keyring.tenant_of(entry.value)) is not None and owner != tenant:
+            raise Conflict(f"call id {call_id} is taken", code="call_in_progress")
+        done = decode(plugin_pb2.ToolCallReply, await self.keyring.open(entry.value, _call_context(call_id)))
         done.replayed = True
         return done
 
@@ -368,6 +372,10 @@ class PluginsService(Service):
                                          note=str(out.get("note") or "")[:500])
 
         return plugin_pb2.HookReply(results=await asyncio.gather(*(one(p) for p in runs)))
+
+
+def _call_context(call_id: str) -> str:
+    return f"plugin_calls/{call_id}"
 
 
 def _config_context(tenant: str, plugin: str) -> str:
