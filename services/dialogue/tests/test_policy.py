@@ -17,12 +17,15 @@ RETURNS = Passage("returns", "Returns", "You can return any item within 7 days. 
 
 
 @pytest.mark.parametrize("text", ["转人工", "我要转人工客服", "人工", "I want to talk to a human", "agent please",
-                                  "Can I speak with a real person?", "connect me to an agent"])
+                                  "Can I speak with a real person?", "connect me to an agent",
+                                  "OK, please transfer me to customer service.", "Can I speak to your manager?",
+                                  "请帮我转客服"])
 def test_handoff_requests(text):
     assert wants_human(text)
 
 
-@pytest.mark.parametrize("text", ["人工智能是什么", "How much is the lamp?", "Is the agent fee included?"])
+@pytest.mark.parametrize("text", ["人工智能是什么", "How much is the lamp?", "Is the agent fee included?",
+                                  "What are your customer service hours?", "How do I contact customer service?"])
 def test_not_handoff(text):
     assert not wants_human(text)
 

@@ -20,9 +20,11 @@ from kefu.shared.text import (
     stem,
 )
 
-_HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|^\s*人工\s*[。！!]?\s*$")
+_HANDOFF_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|接人工|真人客服|人工坐席|转接客服|转客服|帮我接客服|"
+                         r"找你们(?:经理|主管|负责人)|^\s*人工\s*[。！!]?\s*$")
 _HANDOFF_EN = re.compile(
-    r"\b(talk|speak|chat|connect|transfer|put)\b.{0,20}\b(human|person|agent|representative|operator|someone)\b"
+    r"\b(talk|speak|chat|connect|transfer|put)\b.{0,20}\b(human|person|agent|representative|operator|someone|"
+    r"customer service|customer support|support team|staff|manager|supervisor)\b"
     r"|^\s*(human|agent|operator|representative)( please)?\s*[.!]?\s*$|\breal (person|human)\b|\blive agent\b",
     re.I,
 )
