@@ -71,6 +71,7 @@ bench: models ## run the benchmarks; JSON reports go to bench/results/
 	$(BIN)/python -m bench.retrieval
 	$(BIN)/python -m bench.plugins
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.crypto
 
 up: ## docker compose up (needs a Docker engine)
 	docker compose up -d
