@@ -48,7 +48,9 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from kefu.proto.bus.v1 import events_pb2, security_pb2
+from kefu.shared.bus import ensure_kv
 from kefu.shared.errors import Internal, Unavailable
+from kefu.shared.streams import tenant_keys_kv
 
 Suite = Literal["aes", "sm"]
 
@@ -296,9 +298,6 @@ class Keyring:
         if self._kv is None:
             if self.js is None:
                 raise KeyUnavailable("no JetStream to keep the tenant keys in")
-            from kefu.shared.bus import ensure_kv
-            from kefu.shared.streams import tenant_keys_kv
-
             self._kv = await ensure_kv(self.js, tenant_keys_kv())
         return self._kv
 
