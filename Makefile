@@ -71,6 +71,7 @@ bench: models ## run the benchmarks; JSON reports go to bench/results/
 	$(BIN)/python -m bench.retrieval
 	$(BIN)/python -m bench.plugins
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.crypto
 
 up: ## docker compose up (needs a Docker engine)
@@ -92,10 +93,11 @@ chart-lint: $(STAMP) $(HELM) ## helm lint + helm template with every charts/kefu
 compose-config: $(STAMP) ## validate docker-compose.yml offline (what docker compose config checks; also in make test)
 	$(BIN)/python tools/compose_config.py docker-compose.yml >/dev/null
 
-airgap-bundle: $(STAMP) ## wheels and models for an install without network, into dist/airgap/
-	mkdir -p dist/airgap/wheels
-	$(BIN)/pip wheel -q -w dist/airgap/wheels ./shared $(foreach s,$(SERVICES),./services/$(s)) . $(MODEL_PACKAGES)
-	@echo "dist/airgap/wheels holds every wheel: pip install --no-index --find-links dist/airgap/wheels kefu"
+# An extra index for CPU-only torch (https://download.pytorch.org/whl/cpu) where it is reachable; without
+# it torch is PyPI's, whose Linux wheels bring CUDA (several GB).
+TORCH_INDEX ?=
+airgap-bundle: $(STAMP) $(HELM) ## one tarball for machines without network: dist/kefu-airgap-<version>.tar.gz (x86_64 + aarch64)
+	$(BIN)/python tools/airgap/build.py --out dist --helm $(HELM) $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
 
 clean: ## remove .venv, caches and local data
 	rm -rf $(VENV) .kefu .pytest_cache .ruff_cache dist build

@@ -210,3 +210,16 @@ def test_killed_supervisor_leaves_no_orphans(kefu_up):
     while group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.3)
     assert group_alive(proc.pid) == []
+
+
+def test_metrics_ports_of_the_children():
+    from kefu.cli.up import metrics_ports
+
+    names = ["gateway", "dialogue", "retrieval"]
+    assert metrics_ports(names, "9100") == {"gateway": 9100, "dialogue": 9101, "retrieval": 9102}
+    assert metrics_ports(names, "off") == {}
+    free = metrics_ports(names, "")
+    assert set(free) == set(names) and len(set(free.values())) == 3
+    for bad in ("nine", "65534", "-1"):
+        with pytest.raises(ValueError, match="KEFU_METRICS_PORT"):
+            metrics_ports(names, bad)
