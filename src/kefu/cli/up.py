@@ -90,7 +90,8 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
 
     env = dict(os.environ, KEFU_NATS_URL=nats_url, KEFU_DATA_DIR=str(data_dir), KEFU_HTTP_PORT=str(http_port),
                KEFU_GRPC_PORT=str(grpc_port), KEFU_HTTP_HOST=host, KEFU_GRPC_HOST=host, HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", KEFU_LOG_FORMAT=os.environ.get("KEFU_LOG_FORMAT", "json"))
+               TRANSFORMERS_OFFLINE="1", KEFU_LOG_FORMAT=os.environ.get("KEFU_LOG_FORMAT", "json"),
+               KEFU_METRICS_HOST=os.environ.get("KEFU_METRICS_HOST") or host)
     try:
         ports = metrics_ports(services, os.environ.get("KEFU_METRICS_PORT", ""))
     except ValueError as exc:
@@ -100,7 +101,8 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
                       dict(env, KEFU_METRICS_PORT=str(ports[name]) if name in ports else "off"), logs / f"{name}.log")
                 for name in services]
     try:
-        return asyncio.run(_run(children, nats_url, data_dir, token, http_port, grpc_port, host, ports))
+        metrics = {name: f"http://{env['KEFU_METRICS_HOST']}:{port}/metrics" for name, port in ports.items()}
+        return asyncio.run(_run(children, nats_url, data_dir, token, http_port, grpc_port, host, metrics))
     finally:
         _stop_children(children)
         if nats is not None:
@@ -134,7 +136,7 @@ def _provision_models(data_dir: Path) -> None:
 
 
 async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str, http_port: int, grpc_port: int,
-               host: str, metrics: dict[str, int]) -> int:
+               host: str, metrics: dict[str, str]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,16 +166,15 @@ async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str,
         if stop.is_set():
             return 0
         http_url = f"http://{host}:{http_port}"
-        metrics_urls = {name: f"http://{host}:{port}/metrics" for name, port in metrics.items()}
         (data_dir / RUNTIME_FILE).write_text(json.dumps({
             "pid": os.getpid(), "nats_url": nats_url, "http_url": http_url, "grpc": f"{host}:{grpc_port}",
-            "metrics": metrics_urls}))
+            "metrics": metrics}))
         say(f"ready in {time.monotonic() - t0:.1f}s")
         if "gateway" in {c.name for c in children}:
             say(f"gateway:     {http_url}   (gRPC {host}:{grpc_port})")
         if metrics:
-            say("metrics:     " + ", ".join(f"{name} :{port}" for name, port in metrics.items())
-                + f"   (http://{host}:PORT/metrics and /healthz; all in {data_dir / RUNTIME_FILE})")
+            say("metrics:     " + ", ".join(f"{name} :{url.rsplit(':', 1)[1].split('/')[0]}" for name, url in metrics.items())
+                + f"   (/metrics and /healthz of each; the URLs are in {data_dir / RUNTIME_FILE})")
         say(f"admin token: {token}")
         say("press Ctrl-C to stop")
         while not stop.is_set():
