@@ -357,6 +357,8 @@ class DialogueService(Service):
         await self.bus.publish(out_subject(cid), turn_pb2.OutEvent(  # type: ignore[union-attr]
             conversation_id=cid, turn_id=req.turn_id, kind="reply", reply=reply, seq=seq, reply_seq=reply_seq))
         metrics.turn_duration().labels(answer.source).observe(time.perf_counter() - t0)
+        if answer.provenance.generation_error:  # answered from the cited sentence; the model's failure counts
+            metrics.count_error(self.name, answer.provenance.generation_error)
         self.log.info("turn answered", conversation_id=cid, seq=seq, source=answer.source)
         if state.mode == "bot" and not answer.handoff:
             self._after_reply(state.tenant, cid, text, answer)
