@@ -190,3 +190,21 @@ def test_client_address_behind_proxies():
     assert client_address("10.0.0.1", "6.6.6.6, 1.2.3.4", 1) == "1.2.3.4"  # a forged first entry does not count
     assert client_address("10.0.0.1", "1.2.3.4, 10.0.0.9", 2) == "1.2.3.4"
     assert client_address("10.0.0.1", None, 1) == "10.0.0.1"
+
+
+def test_a_new_password_refuses_earlier_login_tokens_even_if_the_clock_went_back():
+    from kefu.gateway.agents import admitted
+    from kefu.proto.bus.v1 import agents_pb2
+    from kefu.shared.errors import Unauthenticated
+
+    auth = Auth("admin-token-for-tests", "secret-for-tests", 3600)
+    token = auth.issue_agent("alice", 600, tenant="acme", account=True, issued_ms=2_000, generation=3)
+    grant = auth.verify_agent(token)
+    assert grant.generation == 3
+    now = agents_pb2.AgentAccount(tenant="acme", agent_id="alice", role="agent", not_before_ms=1_000, generation=3)
+    assert admitted(grant, now).agent_id == "alice"
+    # The password changed on a replica whose clock is behind: not_before_ms is older than the token.
+    moved = agents_pb2.AgentAccount(tenant="acme", agent_id="alice", role="agent", not_before_ms=1_500, generation=4)
+    with pytest.raises(Unauthenticated) as err:
+        admitted(grant, moved)
+    assert err.value.code == "token_revoked"

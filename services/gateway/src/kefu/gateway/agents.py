@@ -49,8 +49,9 @@ def account_key(tenant: str, agent_id: str) -> str:
 def admitted(grant: AgentGrant, account: agents_pb2.AgentAccount | None) -> AgentGrant:
     """``grant`` as the account record allows it now (with the account's current role).
 
-    A login token needs its account; any token of an id (login or ``POST /v1/agents``) issued before the
-    account's ``not_before_ms`` (its creation, last password change or removal) is refused.
+    A login token needs its account, at the generation it was issued for (a new password or a removal
+    moves the account on); any token of an id (login or ``POST /v1/agents``) issued before the account's
+    ``not_before_ms`` (its creation, last password change or removal) is refused too.
 
     Raises:
         Unauthenticated: token_revoked.
@@ -61,7 +62,7 @@ def admitted(grant: AgentGrant, account: agents_pb2.AgentAccount | None) -> Agen
         if grant.account or (account is not None and grant.issued_ms < account.not_before_ms):
             raise Unauthenticated("this agent's access was revoked", code="token_revoked")
         return grant
-    if grant.issued_ms < account.not_before_ms:
+    if grant.issued_ms < account.not_before_ms or (grant.account and grant.generation != account.generation):
         raise Unauthenticated("this agent's access was revoked", code="token_revoked")
     return dataclasses.replace(grant, role=account.role)
 
@@ -132,11 +133,12 @@ class AgentDirectory:
         now_ms = int(time.time() * 1000)
         old = await self.get(tenant, agent_id)
         account = agents_pb2.AgentAccount(tenant=tenant, agent_id=agent_id, role=role, name=name,
-                                          created_ms=now_ms, updated_ms=now_ms, not_before_ms=now_ms)
+                                          created_ms=now_ms, updated_ms=now_ms, not_before_ms=now_ms,
+                                          generation=(old.generation + 1) if old is not None else 1)
         if old is not None and not old.deleted:
             account.created_ms = old.created_ms
             if await self._check(password, old.password_hash):
-                account.not_before_ms = old.not_before_ms
+                account.not_before_ms, account.generation = old.not_before_ms, old.generation
         async with self._hashing:
             account.password_hash = await asyncio.to_thread(hash_password, password)
         await self._write(key, account)
@@ -156,7 +158,7 @@ class AgentDirectory:
         # The tombstone keeps refusing every token of the id issued until now (logins and POST /v1/agents).
         await self._write(key, agents_pb2.AgentAccount(tenant=tenant, agent_id=agent_id, deleted=True,
                                                        created_ms=old.created_ms, updated_ms=now_ms,
-                                                       not_before_ms=now_ms))
+                                                       not_before_ms=now_ms, generation=old.generation + 1))
 
     async def list(self, tenant: str) -> list[agents_pb2.AgentAccount]:
         subject_token(tenant)
@@ -191,7 +193,7 @@ class AgentDirectory:
         # Never before not_before_ms, whatever this replica's clock says.
         issued_ms = max(int(time.time() * 1000), account.not_before_ms)
         token = self.auth.issue_agent(agent_id, self.token_ttl, tenant=tenant, role=account.role, account=True,
-                                      issued_ms=issued_ms)
+                                      issued_ms=issued_ms, generation=account.generation)
         return token, account
 
     async def admit(self, token: str | None) -> AgentGrant:

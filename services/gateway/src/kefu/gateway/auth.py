@@ -53,6 +53,8 @@ class AgentGrant:
         tenant: The one tenant whose conversations the agent sees; "" for every tenant.
         issued_ms: When the token was issued (unix ms); the account's ``not_before_ms`` refuses older ones.
         account: Issued at login for a stored account, so only valid while that account exists.
+        generation: The account generation a login token was issued for (a new password or a removal
+            moves the account on).
         deployment_admin: The deployment's admin token itself.
     """
 
@@ -63,6 +65,7 @@ class AgentGrant:
     issued_ms: int
     account: bool = False
     deployment_admin: bool = False
+    generation: int = 0
 
     @property
     def key(self) -> str | None:
@@ -113,7 +116,7 @@ class Auth:
         return grant
 
     def issue_agent(self, agent_id: str, ttl: float, *, tenant: str = "", role: str = "agent", account: bool = False,
-                    now: float | None = None, issued_ms: int | None = None) -> str:
+                    now: float | None = None, issued_ms: int | None = None, generation: int = 0) -> str:
         """A token for a human agent, for ``tenant`` ("" for every tenant), valid ``ttl`` seconds."""
         now = now or time.time()
         claims: dict[str, object] = {"a": agent_id, "r": role, "e": int(now + ttl),
@@ -122,6 +125,7 @@ class Auth:
             claims["t"] = tenant
         if account:
             claims["k"] = 1
+            claims["g"] = generation
         payload = _b64(json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode())
         return f"{_AGENT_PREFIX}.{payload}.{self._sign_agent(payload)}"
 
@@ -142,7 +146,7 @@ class Auth:
         try:
             claims = json.loads(_unb64(parts[1]))
             grant = AgentGrant(str(claims["a"]), str(claims.get("t", "")), str(claims["r"]), int(claims["e"]),
-                               int(claims["i"]), account=bool(claims.get("k")))
+                               int(claims["i"]), account=bool(claims.get("k")), generation=int(claims.get("g", 0)))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise Unauthenticated("invalid agent token", code="invalid_token") from None
         if grant.role not in ROLES:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/agents.proto\x12\x0bkefu.bus.v1\"\xb3\x01\n\x0c\x41gentAccount\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x15\n\rpassword_hash\x18\x05 \x01(\t\x12\x12\n\ncreated_ms\x18\x06 \x01(\x03\x12\x12\n\nupdated_ms\x18\x07 \x01(\x03\x12\x15\n\rnot_before_ms\x18\x08 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\t \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kefu/bus/v1/agents.proto\x12\x0bkefu.bus.v1\"\xc7\x01\n\x0c\x41gentAccount\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x15\n\rpassword_hash\x18\x05 \x01(\t\x12\x12\n\ncreated_ms\x18\x06 \x01(\x03\x12\x12\n\nupdated_ms\x18\x07 \x01(\x03\x12\x15\n\rnot_before_ms\x18\x08 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\t \x01(\x08\x12\x12\n\ngeneration\x18\n \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kefu.proto.bus.v1.agents_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTACCOUNT']._serialized_start=42
-  _globals['_AGENTACCOUNT']._serialized_end=221
+  _globals['_AGENTACCOUNT']._serialized_end=241
 # @@protoc_insertion_point(module_scope)

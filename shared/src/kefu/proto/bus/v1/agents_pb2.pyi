@@ -34,6 +34,7 @@ class AgentAccount(_message.Message):
     UPDATED_MS_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_MS_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     agent_id: _builtins.str
     role: _builtins.str
@@ -48,6 +49,10 @@ class AgentAccount(_message.Message):
     password and on removal.
     """
     deleted: _builtins.bool
+    generation: _builtins.int
+    """Bumped by every new password and by removal: a login token names the generation it was issued for
+    and is refused once the account has moved on (whatever the replicas' clocks say).
+    """
     def __init__(
         self,
         *,
@@ -60,10 +65,11 @@ class AgentAccount(_message.Message):
         updated_ms: _builtins.int = ...,
         not_before_ms: _builtins.int = ...,
         deleted: _builtins.bool = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "created_ms", b"created_ms", "deleted", b"deleted", "name", b"name", "not_before_ms", b"not_before_ms", "password_hash", b"password_hash", "role", b"role", "tenant", b"tenant", "updated_ms", b"updated_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "created_ms", b"created_ms", "deleted", b"deleted", "generation", b"generation", "name", b"name", "not_before_ms", b"not_before_ms", "password_hash", b"password_hash", "role", b"role", "tenant", b"tenant", "updated_ms", b"updated_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
