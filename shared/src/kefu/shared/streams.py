@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from nats.js.api import DiscardPolicy, KeyValueConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 
 STREAM_CONV = "CONV"
@@ -29,6 +31,12 @@ MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 def conv_subject(tenant: str, conversation_id: str) -> str:
     """The subject of a conversation's events in stream CONV."""
     return f"kefu.conv.{tenant}.{conversation_id}"
+
+
+def arguments_sha256(arguments_json: str) -> str:
+    """What a tool-call confirmation names (SHA-256 hex of the exact argument text the visitor was shown):
+    dialogue records it, the plugins service checks it before a side-effecting call runs."""
+    return hashlib.sha256(arguments_json.encode()).hexdigest()
 
 
 def kb_subject(tenant: str, doc_id: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import hashlib
 import json
 import time
 import uuid
@@ -58,7 +57,14 @@ from kefu.shared.config import KefuSettings
 from kefu.shared.crypto import Keyring
 from kefu.shared.errors import BadRequest, Conflict, KefuError
 from kefu.shared.service import Service
-from kefu.shared.streams import TURN_CANCEL, handoff_context, handoff_subject, handoffs_kv, out_subject
+from kefu.shared.streams import (
+    TURN_CANCEL,
+    arguments_sha256,
+    handoff_context,
+    handoff_subject,
+    handoffs_kv,
+    out_subject,
+)
 
 MAX_TEXT_CHARS = 4000
 APPEND_RETRIES = 5
@@ -441,7 +447,7 @@ class DialogueService(Service):
                                  provenance=Provenance(decision=f"tool_ask:{name}"))
         args = match.arguments_json
         proposal = ToolProposed(uuid.uuid4().hex, match.spec.plugin, match.spec.tool, args,
-                                hashlib.sha256(args.encode()).hexdigest(),
+                                arguments_sha256(args),
                                 match.spec.confirmation if match.spec.side_effecting else "none",
                                 confirm_text(match.spec, match.arguments, language), seq)
         state = await self._append_body(state, proposal)

@@ -14,7 +14,6 @@ with the built-in plugins (crm_adapter, payment, ai_enhancer) for the operator t
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 import signal
@@ -49,7 +48,7 @@ from kefu.shared.errors import (
 )
 from kefu.shared.ratelimit import RateLimiter
 from kefu.shared.service import Service
-from kefu.shared.streams import STREAM_CONV, conv_stream, conv_subject
+from kefu.shared.streams import STREAM_CONV, arguments_sha256, conv_stream, conv_subject
 
 PLUGINS_LIST = "kefu.plugins.list"
 PLUGINS_CALL = "kefu.plugins.call"
@@ -81,11 +80,6 @@ class PluginsSettings(KefuSettings):
 
 def _split(value: str) -> list[str]:
     return [x.strip() for x in value.split(",") if x.strip()]
-
-
-def arguments_sha256(arguments_json: str) -> str:
-    """What a confirmation names: the exact argument text the visitor was shown."""
-    return hashlib.sha256(arguments_json.encode()).hexdigest()
 
 
 class PluginsService(Service):
