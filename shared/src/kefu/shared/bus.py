@@ -30,8 +30,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, PubAck, StreamConfig
+from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -67,20 +67,35 @@ def subject_token(value: str) -> str:
     return value
 
 
+class JetStream(JetStreamContext):
+    """nats-py's JetStream context, plus how many copies the streams and buckets kefu creates keep.
+
+    Args:
+        nc: A connected client.
+        stream_replicas: Replicas of every stream, KV bucket and object store :func:`ensure_stream`,
+            :func:`ensure_kv` and :func:`ensure_object_store` set up (``KEFU_STREAM_REPLICAS``).
+    """
+
+    def __init__(self, nc: NATS, stream_replicas: int = 1) -> None:
+        super().__init__(nc)
+        self.stream_replicas = stream_replicas
+
+
 class Bus:
     """A NATS connection with kefu's conventions (protobuf payloads, typed errors, deadlines).
 
     Args:
         nc: A connected client.
         default_timeout: Deadline in seconds for :meth:`request` when none is given.
+        stream_replicas: Replicas of the streams and buckets it sets up (:class:`JetStream`).
     """
 
     def __init__(self, nc: NATS, default_timeout: float = 10.0, flags: dict[str, bool] | None = None,
-                 hooks: dict[str, list[Callable[[], None]]] | None = None) -> None:
+                 hooks: dict[str, list[Callable[[], None]]] | None = None, *, stream_replicas: int = 1) -> None:
         self.nc = nc
         self._flags = flags if flags is not None else {}
         self._hooks = hooks if hooks is not None else {"disconnected": [], "reconnected": []}
-        self.js: JetStreamContext = nc.jetstream()
+        self.js: JetStream = JetStream(nc, stream_replicas)
         self.default_timeout = default_timeout
         # The service this connection belongs to: the label of the errors its handlers answer.
         self.service = ""
@@ -88,10 +103,12 @@ class Bus:
 
     @classmethod
     async def connect(cls, servers: list[str], name: str, *, default_timeout: float = 10.0,
-                      connect_timeout: float = 60.0, tls: ssl.SSLContext | None = None) -> Bus:
+                      connect_timeout: float = 60.0, tls: ssl.SSLContext | None = None,
+                      stream_replicas: int = 1) -> Bus:
         """Connect, retrying until ``connect_timeout``; once connected, reconnect forever. With ``tls``
         (:meth:`kefu.shared.config.KefuSettings.nats_tls`) the connection is TLS, with a client
-        certificate when the context holds one."""
+        certificate when the context holds one. ``servers`` may name every node of a cluster: the client
+        moves to another when its node goes away."""
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
@@ -123,7 +140,7 @@ class Bus:
                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                     connect_timeout=2, allow_reconnect=True, drain_timeout=5, tls=tls,
                 ), timeout=max(deadline - loop.time(), 2.0))
-                return cls(nc, default_timeout, flags, hooks)
+                return cls(nc, default_timeout, flags, hooks, stream_replicas=stream_replicas)
             except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
                 with contextlib.suppress(Exception):
                     await nc.close()
@@ -234,30 +251,123 @@ def decode(message_type: type[M], data: bytes) -> M:
     return msg
 
 
+# What nats-server answers when it cannot place the replicas asked for (a single server; fewer nodes).
+_REPLICAS_REFUSED = {10074, 10023, 10005}
+# How long a publish to a stream waits for one to take it: a cluster elects a new stream leader within
+# seconds of losing one (6.5 s measured after kill -9 of the leader, tests/integration/test_cluster.py).
+STREAM_PATIENCE = 20.0
+
+
+def _replicas(js: JetStreamContext) -> int:
+    return js.stream_replicas if isinstance(js, JetStream) else 1
+
+
+def _refused(exc: nats.js.errors.APIError, name: str, replicas: int) -> KefuError:
+    """The error for a server that cannot keep ``replicas`` copies: say which setting to change."""
+    if exc.err_code in _REPLICAS_REFUSED and replicas > 1:
+        return Unavailable(f"KEFU_STREAM_REPLICAS={replicas} but NATS cannot keep {replicas} copies of {name} "
+                           f"({exc.description}): it needs a JetStream cluster of at least {replicas} nodes",
+                           code="stream_replicas_unavailable")
+    return Internal(f"NATS refused the set-up of {name}: {exc.description}")
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or update it to ``config`` when it exists: safe to call at every start-up."""
+    """Create the stream, or update it to ``config`` when it exists: safe to call at every start-up.
+
+    The stream gets ``js``'s replicas (:class:`JetStream`, ``KEFU_STREAM_REPLICAS``) unless ``config``
+    names its own, so an existing stream is scaled up or down to them (a cluster moves the copies).
+
+    Raises:
+        Unavailable: the server cannot keep that many copies (code ``stream_replicas_unavailable``).
+    """
+    if config.num_replicas is None:
+        config = config.evolve(num_replicas=_replicas(js))
+    name = config.name or ""
     try:
-        await js.stream_info(config.name or "")
-    except NotFoundError:
         try:
-            await js.add_stream(config)
-            return
-        except nats.js.errors.BadRequestError:
-            pass  # another replica created it in between
-    await js.update_stream(config)
+            await js.stream_info(name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                return
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:  # another replica created it in between (name in use)
+                    raise
+        await js.update_stream(config)
+    except nats.js.errors.APIError as exc:
+        if isinstance(exc, NotFoundError):
+            raise
+        raise _refused(exc, f"stream {name}", config.num_replicas or 1) from None
+
+
+async def _scale(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Give the existing stream behind a KV bucket or object store ``replicas`` copies."""
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) != replicas:
+        try:
+            await js.update_stream(info.config.evolve(num_replicas=replicas))
+        except nats.js.errors.APIError as exc:
+            raise _refused(exc, f"stream {stream}", replicas) from None
 
 
 async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """The KV bucket ``config.bucket``, created on first use."""
+    """The KV bucket ``config.bucket``, created on first use with ``js``'s replicas (an existing one is
+    scaled to them, like :func:`ensure_stream`)."""
+    replicas = _replicas(js)
     try:
-        return await js.key_value(config.bucket)
+        kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(config)
+        try:
+            return await js.create_key_value(config.evolve(replicas=replicas))
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != 10058:
+                raise _refused(exc, f"KV bucket {config.bucket}", replicas) from None
+            kv = await js.key_value(config.bucket)  # another replica created it in between
+    await _scale(js, f"KV_{config.bucket}", replicas)
+    return kv
 
 
 async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -> ObjectStore:
-    """The object store ``config.bucket``, created on first use."""
+    """The object store ``config.bucket``, created on first use with ``js``'s replicas (an existing one
+    is scaled to them)."""
+    replicas = _replicas(js)
     try:
-        return await js.object_store(config.bucket or "")
+        store = await js.object_store(config.bucket or "")
     except (BucketNotFoundError, NotFoundError):
-        return await js.create_object_store(bucket=config.bucket, config=config)
+        try:
+            return await js.create_object_store(bucket=config.bucket, config=config.evolve(replicas=replicas))
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != 10058:
+                raise _refused(exc, f"object store {config.bucket}", replicas) from None
+            store = await js.object_store(config.bucket or "")
+    await _scale(js, f"OBJ_{config.bucket}", replicas)
+    return store
+
+
+async def stream_publish(js: JetStreamContext, subject: str, payload: bytes, *,
+                         headers: dict[str, str] | None = None, patience: float = STREAM_PATIENCE) -> PubAck:
+    """Publish to a stream and wait for its ack, riding out a leader election.
+
+    A clustered stream whose leader goes away has none for a few seconds: a publish then finds nobody
+    (no responders: not stored) or gets no ack in time (maybe stored). It is sent again, with the same
+    headers, until ``patience`` runs out; give it a ``Nats-Msg-Id`` so that the stream stores a message
+    that was in fact stored the first time only once (the ack then says ``duplicate``).
+
+    Raises:
+        Unavailable: no ack within ``patience`` (code ``stream_unavailable``): safe to retry.
+        nats.js.errors.APIError: the stream refused the message (wrong expected sequence, too large, ...).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    delay = 0.1
+    while True:
+        try:
+            return await js.publish(subject, payload, headers=headers,
+                                    timeout=max(0.5, min(5.0, deadline - loop.time())))
+        except (NoStreamResponseError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            if loop.time() + delay >= deadline:
+                raise Unavailable(f"the message store did not answer for {patience:g} s (NATS down or electing "
+                                  "a leader); retry", code="stream_unavailable") from None
+            log.info("stream not answering, publishing again", subject=subject, error=type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)

@@ -42,6 +42,10 @@ class KefuSettings(BaseSettings):
         metrics_port: Port of ``/metrics``, ``/healthz`` and ``/readyz`` (``KEFU_METRICS_PORT``): unset or
             ``off`` serves none (9090 in the images), 0 a free port.
         metrics_host: Interface they listen on (``KEFU_METRICS_HOST``; 0.0.0.0 in the images).
+        stream_replicas: Copies JetStream keeps of every stream, KV bucket and object store kefu creates
+            (``KEFU_STREAM_REPLICAS``): 1 on one nats-server, 3 on a cluster (an ack then means a majority
+            of the nodes hold the message). Applied to existing ones at start-up too, so set the same on
+            every service.
     """
 
     model_config = SettingsConfigDict(env_prefix="KEFU_", extra="ignore")
@@ -60,6 +64,7 @@ class KefuSettings(BaseSettings):
     nats_tls_key: Path | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    stream_replicas: int = Field(default=1, ge=1, le=5)  # nats-server's own bounds
 
     @field_validator("metrics_port", mode="before")
     @classmethod

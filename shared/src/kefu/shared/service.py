@@ -69,7 +69,8 @@ class Service:
                 stack.push_async_callback(self.metrics.close)
                 self.log.info("metrics", url=f"http://{self.settings.metrics_host}:{self.metrics.port}/metrics")
             bus = await Bus.connect(self.settings.nats_servers, f"kefu-{self.name}-{self.settings.instance}",
-                                    default_timeout=self.settings.request_timeout, tls=self.settings.nats_tls())
+                                    default_timeout=self.settings.request_timeout, tls=self.settings.nats_tls(),
+                                    stream_replicas=self.settings.stream_replicas)
             bus.service = self.name
             self.bus = bus
             stack.push_async_callback(bus.close)

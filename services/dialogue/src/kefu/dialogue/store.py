@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 from kefu.dialogue.codec import event_from_proto, event_to_proto, state_from_proto, state_to_proto
 from kefu.dialogue.state import Body, Event, State, fold, reduce
 from kefu.proto.bus.v1 import events_pb2, turn_pb2
-from kefu.shared.bus import Bus, decode, ensure_kv, ensure_stream
+from kefu.shared.bus import Bus, decode, ensure_kv, ensure_stream, stream_publish
 from kefu.shared.crypto import DecryptionFailed, Keyring, open_event, seal_event
 from kefu.shared.errors import Conflict, NotFound
 from kefu.shared.logging import get_logger
@@ -63,8 +63,9 @@ class ConversationStore:
                    "Nats-Expected-Last-Subject-Sequence": str(state.stream_seq)}
         try:
             pb = await seal_event(self.keyring, event_to_proto(ev))
-            ack = await self.bus.js.publish(conv_subject(state.tenant, state.conversation_id),
-                                            pb.SerializeToString(), headers=headers)
+            # Rides out a stream leader election in a cluster (the Nats-Msg-Id makes a resend safe).
+            ack = await stream_publish(self.bus.js, conv_subject(state.tenant, state.conversation_id),
+                                       pb.SerializeToString(), headers=headers)
         except APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise Conflict("the conversation changed meanwhile", code="concurrent_update") from None

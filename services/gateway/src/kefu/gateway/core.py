@@ -15,7 +15,7 @@ import nats.js.errors
 from kefu.gateway.router import OutRouter
 from kefu.proto.bus.v1 import common_pb2, plugin_pb2, retrieval_pb2, turn_pb2
 from kefu.shared.audit import AuditLog
-from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, subject_token
+from kefu.shared.bus import Bus, decode, ensure_kv, ensure_object_store, ensure_stream, stream_publish, subject_token
 from kefu.shared.crypto import Keyring
 from kefu.shared.errors import BadRequest, DeadlineExceeded, KefuError, NotFound, PayloadTooLarge, Unavailable
 from kefu.shared.service import health_subject
@@ -122,7 +122,7 @@ class Core:
 
     async def _store_kb(self, subject: str, data: bytes) -> int:
         try:
-            ack = await self.bus.js.publish(subject, data, timeout=5)
+            ack = await stream_publish(self.bus.js, subject, data)  # one message per subject: a resend replaces
         except Exception as exc:
             raise Unavailable(f"the knowledge store did not confirm the write: {exc}") from None
         self.kb_seq = max(self.kb_seq, ack.seq)
