@@ -73,6 +73,7 @@ bench: models ## run the benchmarks; JSON reports go to bench/results/
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.crypto
+	$(BIN)/python -m bench.durability
 
 up: ## docker compose up (needs a Docker engine)
 	docker compose up -d

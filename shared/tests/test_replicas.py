@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from nats.js.api import KeyValueConfig, StreamConfig
@@ -132,3 +133,12 @@ async def test_sync_interval_always_reaches_the_server(tmp_path):
     with NatsServer(tmp_path / "js2", monitor_port=0) as server:
         assert not server.monitor("/varz")["jetstream"]["config"].get("sync_always")
     await asyncio.sleep(0)
+
+
+def test_kefu_up_refuses_replicas_its_single_embedded_server_cannot_keep(tmp_path):
+    kefu = Path(sys.executable).parent / "kefu"
+    env = dict(os.environ, KEFU_STREAM_REPLICAS="3")
+    out = subprocess.run([str(kefu), "up", "--data-dir", str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "KEFU_STREAM_REPLICAS=3 needs a NATS cluster" in out.stdout + out.stderr

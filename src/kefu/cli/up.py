@@ -69,6 +69,11 @@ class Child:
 
 def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, services: list[str],
        host: str = "127.0.0.1") -> int:
+    replicas = os.environ.get("KEFU_STREAM_REPLICAS", "1").strip() or "1"
+    if not nats_url and replicas != "1":
+        say(f"error: KEFU_STREAM_REPLICAS={replicas} needs a NATS cluster (--nats-url with its nodes); "
+            "the embedded nats-server is a single node")
+        return 2
     data_dir = data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -83,7 +88,9 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
 
     nats: NatsServer | None = None
     if not nats_url:
-        nats = NatsServer(data_dir / "nats", log_file=logs / "nats.log")
+        # fsync before every ack: one node has no peer holding a copy through a power cut (bench.durability:
+        # +0.24 ms per ack, 4.4k acks/s; README "Durability").
+        nats = NatsServer(data_dir / "nats", log_file=logs / "nats.log", sync_interval="always")
         nats.start(preexec_fn=_broker_child)
         nats_url = nats.url
         say(f"embedded nats-server with JetStream at {nats_url} (data in {data_dir / 'nats'})")
