@@ -148,3 +148,15 @@ The volume a model comes from, or nothing: call with (dict "root" $ "service" "i
 {{- fail (printf "%s.model.source must be empty, existingClaim, pvc or hostPath (got %q)" .service $m.source) }}
 {{- end }}
 {{- end -}}
+
+{{/* KEFU_STREAM_REPLICAS: streamReplicas, or 3 (the cluster's size up to 3) when the chart runs its own cluster. */}}
+{{- define "kefu.streamReplicas" -}}
+{{- $c := .Values.nats.embedded.cluster -}}
+{{- if .Values.streamReplicas -}}
+{{- .Values.streamReplicas -}}
+{{- else if and (include "kefu.natsEmbedded" .) $c.enabled -}}
+{{- min 3 (int $c.replicas) -}}
+{{- else -}}
+1
+{{- end -}}
+{{- end }}
