@@ -54,3 +54,12 @@ def test_a_broken_file_is_refused(old, new, expected):
     assert old in COMPOSE
     found = compose_config.problems(COMPOSE.replace(old, new, 1), ROOT)
     assert any(expected in p for p in found), found
+
+
+def test_every_service_gets_the_master_key_of_the_env_file():
+    """Encryption at rest is one line in .env (KEFU_MASTER_KEY, which compose substitutes) for every service,
+    the same key for all; unset, it is empty and encryption is off."""
+    services = compose_config.resolve(COMPOSE)["services"]
+    for name in compose_config.KEFU_SERVICES:
+        assert services[name]["environment"]["KEFU_MASTER_KEY"] == "${KEFU_MASTER_KEY:-}", name
+    assert "KEFU_MASTER_KEY" not in services["nats"].get("environment", {})
