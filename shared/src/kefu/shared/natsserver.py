@@ -214,6 +214,11 @@ def wait_for_cluster(nodes: list[NatsServer], timeout: float = 30.0) -> None:
         if not sick:
             return
         if time.monotonic() > deadline:
-            why = {n.name or n.url: n.monitor("/healthz").get("error") for n in sick}
+            why = {}
+            for n in sick:
+                try:
+                    why[n.name or n.url] = n.monitor("/healthz").get("error")
+                except (OSError, ValueError) as exc:
+                    why[n.name or n.url] = str(exc)
             raise TimeoutError(f"nats-server nodes not healthy after {timeout}s: {why}")
         time.sleep(0.1)
