@@ -19,7 +19,7 @@ BROWSER_PACKAGES := chromium fonts-wqy-microhei
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install models browser run test test-unit lint protos protos-check bench up down chart-lint compose-config airgap-bundle clean
+.PHONY: help install models browser run test test-unit lint protos protos-check bench up down chart-lint compose-config airgap-bundle images images-binfmt images-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -99,6 +99,21 @@ compose-config: $(STAMP) ## validate docker-compose.yml offline (what docker com
 TORCH_INDEX ?=
 airgap-bundle: $(STAMP) $(HELM) ## one tarball for machines without network: dist/kefu-airgap-<version>.tar.gz (x86_64 + aarch64)
 	$(BIN)/python tools/airgap/build.py --out dist --helm $(HELM) $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
+
+# Images with buildah, as root, where there is no Docker engine and no registry: a stand-in for
+# python:3.11-slim-bookworm built from Debian's packages (tools/images/base.sh), then the five Dockerfiles.
+IMAGE_ARCH ?=
+IMAGE_SERVICES ?=
+images: ## the five images with buildah (no Docker engine, no registry): localhost/kefu/<name>:<version>; IMAGE_ARCH=arm64, IMAGE_SERVICES="gateway ..."
+	$(SUDO) tools/images/build.sh $(if $(IMAGE_ARCH),--arch $(IMAGE_ARCH)) $(IMAGE_SERVICES)
+
+images-binfmt: ## let this x86-64 machine run arm64 binaries (qemu-user-static) for IMAGE_ARCH=arm64
+	@[ -e /proc/sys/fs/binfmt_misc/register ] || $(SUDO) mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	@[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || \
+		$(SUDO) sh -c 'cat /usr/lib/binfmt.d/qemu-aarch64.conf > /proc/sys/fs/binfmt_misc/register'
+
+images-test: models ## run make images' images with podman: read-only, non-root, healthy, a cited answer (~2 min)
+	$(SUDO) $(BIN)/pytest -m images tests/deploy/test_images_run.py $(PYTEST_ARGS)
 
 clean: ## remove .venv, caches and local data
 	rm -rf $(VENV) .kefu .pytest_cache .ruff_cache dist build
