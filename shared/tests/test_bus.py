@@ -107,3 +107,43 @@ def test_subject_tokens_reject_what_would_change_the_subject(bad):
     with pytest.raises(errors.BadRequest):
         subject_token(bad)
     assert subject_token("tenant-1_中文") == "tenant-1_中文"
+
+
+async def test_fail_fast_refuses_at_once_while_nats_is_away_and_recovers(tmp_path):
+    """The gateway's mode: with the broker gone a request is refused (typed, retryable) at once instead of
+    waiting in the reconnect buffer for its deadline; the connection hooks say when it went and came back."""
+    from kefu.shared.natsserver import NatsServer, free_port
+
+    server = NatsServer(tmp_path / "js", port=free_port()).start()
+    bus = await Bus.connect([server.url], "fail-fast")
+    try:
+        bus.fail_fast = True
+        changes: list[str] = []
+        bus.on_connection_change(lambda: changes.append("down"), lambda: changes.append("up"))
+
+        async def echo(req, msg):
+            return common_pb2.HealthReply(status="ok")
+
+        await bus.serve("test.ff.echo", common_pb2.HealthRequest, echo)
+        assert (await bus.request("test.ff.echo", common_pb2.HealthRequest(), common_pb2.HealthReply)).status == "ok"
+        server.stop()
+        for _ in range(100):
+            if changes:
+                break
+            await asyncio.sleep(0.05)
+        assert changes == ["down"]
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(errors.Unavailable) as exc:
+            await bus.request("test.ff.echo", common_pb2.HealthRequest(), common_pb2.HealthReply, timeout=10)
+        assert exc.value.code == "service_unavailable" and loop.time() - t0 < 0.5
+        server.start()
+        for _ in range(200):
+            if changes[-1] == "up":
+                break
+            await asyncio.sleep(0.05)
+        assert changes == ["down", "up"]
+        assert (await bus.request("test.ff.echo", common_pb2.HealthRequest(), common_pb2.HealthReply)).status == "ok"
+    finally:
+        await bus.close()
+        server.stop()

@@ -99,6 +99,10 @@ class Bus:
         self.default_timeout = default_timeout
         # The service this connection belongs to: the label of the errors its handlers answer.
         self.service = ""
+        # True at the edge (the gateway): while NATS is out of reach, requests fail at once with
+        # Unavailable instead of waiting in the client's reconnect buffer, so a visitor is told to retry
+        # rather than kept waiting for a deadline, and nothing piles up in memory meanwhile.
+        self.fail_fast = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -171,10 +175,13 @@ class Bus:
         """Send ``msg`` and decode the reply as ``reply_type``.
 
         Raises:
-            Unavailable: nobody serves ``subject``.
+            Unavailable: nobody serves ``subject``, or the bus is not connected (at once with
+                :attr:`fail_fast`; otherwise when the reconnect buffer is full).
             DeadlineExceeded: no reply within ``timeout``.
             KefuError: the error the serving side raised.
         """
+        if self.fail_fast:
+            self.require_connection()
         try:
             reply = await self.nc.request(subject, msg.SerializeToString(), timeout=timeout or self.default_timeout,
                                           headers=headers)
@@ -182,12 +189,17 @@ class Bus:
             raise Unavailable(f"no service answers {subject}", code="service_unavailable") from None
         except (TimeoutError, nats.errors.TimeoutError):
             raise DeadlineExceeded(f"{subject} did not answer in time") from None
-        except nats.errors.ConnectionClosedError:
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError):
             raise Unavailable("the message bus is not connected", code="service_unavailable") from None
         error = from_headers(reply.headers)
         if error is not None:
             raise error
         return decode(reply_type, reply.data)
+
+    def require_connection(self) -> None:
+        """Raise :class:`Unavailable` (``service_unavailable``) unless connected to NATS right now."""
+        if not self.nc.is_connected:
+            raise Unavailable("the message bus is out of reach; try again", code="service_unavailable")
 
     async def serve(self, subject: str, request_type: type[M], handler: Callable[[M, Msg], Awaitable[Message]], *,
                     queue: str = "", max_inflight: int = 256) -> Subscription:

@@ -110,6 +110,7 @@ class GatewayService(Service):
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
         s = self.settings
+        bus.fail_fast = True  # a visitor is told "retry" at once while NATS is out of reach (kefu.shared.bus)
         auth = Auth(admin_token(s.data_dir), signing_secret(s.data_dir), s.visitor_token_ttl)
         services = [x.strip() for x in s.ready_services.split(",") if x.strip()]
         tenants = frozenset(x.strip() for x in s.tenants.split(",") if x.strip())

@@ -68,6 +68,9 @@ class Core:
         self.router = OutRouter()
         # Turn requests whose visitor left before the reply: kept until dialogue answers them.
         self._left: set[asyncio.Task[turn_pb2.TurnReply]] = set()
+        # Set while the connection to NATS is down: turns in flight are answered "retry" at once.
+        self._bus_down = asyncio.Event()
+        bus.on_connection_change(self._bus_down.set, self._bus_down.clear)
 
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, kb_stream())
@@ -121,6 +124,7 @@ class Core:
         return version
 
     async def _store_kb(self, subject: str, data: bytes) -> int:
+        self.bus.require_connection()  # not into the reconnect buffer: "stored" must mean stored
         try:
             ack = await stream_publish(self.bus.js, subject, data)  # one message per subject: a resend replaces
         except Exception as exc:
@@ -169,11 +173,19 @@ class Core:
             turn_pb2.TurnRequest(conversation_id=conversation_id, text=text, client_msg_id=client_msg_id[:128],
                                  turn_id=turn_id, kb_min_seq=self.kb_seq),
             turn_pb2.TurnReply, timeout=self.turn_timeout))
+        # The bus dropping while the turn is out: its reply may never come (dialogue may or may not have
+        # stored the message), so the visitor is told at once to send it again; the same client_msg_id
+        # then gets the stored answer or stores it now, never twice.
+        down = asyncio.ensure_future(self._bus_down.wait())
         try:
             replied = False  # dialogue's "reply" event: every delta of this turn is in before it
             while not request.done():
                 getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, request}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({getter, request, down}, return_when=asyncio.FIRST_COMPLETED)
+                if down.done() and not request.done():
+                    getter.cancel()
+                    raise Unavailable("the message bus went out of reach during the turn: send the message again "
+                                      "with the same client_msg_id", code="service_unavailable")
                 if getter.done():
                     ev = getter.result()
                     if ev.kind == "delta":
@@ -197,6 +209,7 @@ class Core:
                     replied = ev.kind == "reply"
             yield Final(reply)
         finally:
+            down.cancel()
             if not request.done():
                 # The visitor left (the stream was closed before the reply): stop the model's work for
                 # this turn; dialogue still records a reply, which the visitor sees on coming back. The
@@ -248,6 +261,7 @@ class Core:
             if not tenant:
                 raise BadRequest("the conversation's tenant is needed to store its media", code="missing_field")
             image = await self.keyring.seal(tenant, image, media_context(media_id))
+        self.bus.require_connection()
         try:
             await self.media.put(media_id, image)
         except Exception as exc:
