@@ -115,10 +115,12 @@ async def read_json(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, 
     if request.content_length is not None and request.content_length > DRAIN_LIMIT:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
     body = bytearray()
+    read = 0  # what the client sent: the body stops growing past the limit, the count does not
     while chunk := await request.content.read(65536):
+        read += len(chunk)
         if len(body) <= limit:
             body += chunk
-        elif request.content_length is None and len(body) > DRAIN_LIMIT:
+        elif request.content_length is None and read > DRAIN_LIMIT:
             break
     if len(body) > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
@@ -137,13 +139,17 @@ async def read_file_part(request: web.Request, name: str, limit: int) -> bytes:
         raise PayloadTooLarge(f"the file is larger than {limit} bytes")
     found: bytes | None = None
     too_large = False
+    read = 0
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             data = bytearray()
             while chunk := await part.read_chunk(65536):  # type: ignore[union-attr]
+                read += len(chunk)
                 if len(data) <= limit:
                     data += chunk
+                elif request.content_length is None and read > DRAIN_LIMIT:  # a chunked body without end
+                    raise PayloadTooLarge(f"the file is larger than {limit} bytes")
             if getattr(part, "name", None) == name and found is None:
                 too_large = len(data) > limit
                 found = bytes(data)
