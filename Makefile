@@ -19,7 +19,7 @@ BROWSER_PACKAGES := chromium fonts-wqy-microhei
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install models browser run test test-unit lint protos protos-check bench up down chart-lint compose-config airgap-bundle images images-binfmt images-test clean
+.PHONY: help install models browser run test test-unit lint protos protos-check bench bench-report soak up down chart-lint compose-config airgap-bundle images images-binfmt images-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -55,10 +55,6 @@ test: models browser $(HELM) ## run the whole test suite (starts its own nats-se
 test-unit: $(STAMP) $(HELM) ## only the tests that need no server and no model
 	$(BIN)/pytest -m "not integration and not model and not e2e" $(PYTEST_ARGS)
 
-CHAOS_RUNS ?= 1
-test-chaos: models ## the chaos suite at full scale (every service killed -9 in turn under 500 conversations, nats-server restarted and out for 30 s, a retrieval crash after an upsert); CHAOS_RUNS=5 runs it 5 times in a row; figures in bench/results/chaos.json
-	$(BIN)/python tests/chaos/repeat.py --full --times $(CHAOS_RUNS) -- $(PYTEST_ARGS)
-
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
 
@@ -68,7 +64,7 @@ protos: $(STAMP) ## regenerate shared/src/kefu/proto from protos/
 protos-check: $(STAMP) ## fail when the generated code is out of date
 	$(BIN)/python tools/gen_protos.py --check
 
-bench: models ## run the benchmarks; JSON reports go to bench/results/
+bench: models ## run the benchmarks; JSON reports go to bench/results/, then bench/report.md
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.dialogue
@@ -78,6 +74,15 @@ bench: models ## run the benchmarks; JSON reports go to bench/results/
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.crypto
 	$(BIN)/python -m bench.durability
+	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.report
+
+bench-report: $(STAMP) ## bench/report.md from every bench/results/*.json (figures, baselines, ratios)
+	$(BIN)/python -m bench.report
+
+SOAK_MINUTES ?= 30
+soak: models ## 30 minutes of steady load, each service's memory sampled (by hand, not CI; SOAK_MINUTES=5 for less): bench/results/soak.json
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 up: ## docker compose up (needs a Docker engine)
 	docker compose up -d

@@ -34,16 +34,16 @@ def write(name: str, report: dict) -> None:
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
-def _raw_once(llm) -> tuple[float, float, int]:
+def _raw_once(llm, messages: list[dict[str, str]] = PROMPT, max_tokens: int = MAX_TOKENS) -> tuple[float, float, int]:
     """One streamed generation on the raw engine: (time to first token, decode tokens/s, tokens)."""
     t0 = time.perf_counter()
     first, n = None, 0
-    for chunk in llm.create_chat_completion(PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=1, stream=True):
+    for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0, seed=1, stream=True):
         if chunk["choices"][0]["delta"].get("content"):
             n += 1
             first = first or time.perf_counter()
     end = time.perf_counter()
-    return first - t0, (n - 1) / (end - first), n
+    return first - t0, (n - 1) / (end - first) if n > 1 else 0.0, n
 
 
 async def engine_vs_service(data_dir: Path, model: Path, runs: int, threads: int) -> tuple[dict, dict]:
