@@ -55,6 +55,10 @@ test: models browser $(HELM) ## run the whole test suite (starts its own nats-se
 test-unit: $(STAMP) $(HELM) ## only the tests that need no server and no model
 	$(BIN)/pytest -m "not integration and not model and not e2e" $(PYTEST_ARGS)
 
+CHAOS_RUNS ?= 1
+test-chaos: models ## the chaos suite at full scale (every service killed -9 in turn under 500 conversations, nats-server restarted and out for 30 s, a retrieval crash after an upsert); CHAOS_RUNS=5 runs it 5 times in a row; figures in bench/results/chaos.json
+	$(BIN)/python tests/chaos/repeat.py --full --times $(CHAOS_RUNS) -- $(PYTEST_ARGS)
+
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
 
