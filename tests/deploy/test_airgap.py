@@ -22,7 +22,8 @@ import pytest
 
 from kefu.shared.natsserver import free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.model]
+# Building the bundle and installing 2 GB of wheels take minutes (more on a busy machine): past the default.
+pytestmark = [pytest.mark.e2e, pytest.mark.model, pytest.mark.timeout(4200)]
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools" / "helm" / "helm"
@@ -62,7 +63,7 @@ def test_bundle_installs_offline_and_the_stack_starts(tmp_path):
     assert HELM.exists(), "make test provides helm (.tools/helm)"
     arch = platform.machine()
     build = subprocess.run([sys.executable, str(ROOT / "tools/airgap/build.py"), "--arch", arch, "--out",
-                            str(tmp_path / "dist"), "--helm", str(HELM)], capture_output=True, text=True, timeout=900)
+                            str(tmp_path / "dist"), "--helm", str(HELM)], capture_output=True, text=True, timeout=1800)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     tarball = tmp_path / "dist" / "kefu-airgap-0.1.0.tar.gz"
     digest, name = (tmp_path / "dist" / f"{tarball.name}.sha256").read_text().split()
@@ -91,7 +92,7 @@ def test_bundle_installs_offline_and_the_stack_starts(tmp_path):
 
     prefix = tmp_path / "kefu"
     install = subprocess.run(offline(["sh", str(bundle / "install.sh"), str(prefix)]), env=env, capture_output=True,
-                             text=True, timeout=900, cwd=tmp_path)
+                             text=True, timeout=1800, cwd=tmp_path)
     assert install.returncode == 0, install.stdout[-4000:] + install.stderr[-4000:]
     assert f"helm install kefu {bundle}/chart/kefu-0.1.0.tgz" in install.stdout
     # Installed from the bundle into the new environment, not taken from this checkout.

