@@ -19,10 +19,10 @@ BROWSER_PACKAGES := chromium fonts-wqy-microhei
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install models browser run test test-unit lint protos protos-check bench bench-report soak up down chart-lint compose-config airgap-bundle images images-binfmt images-test clean
+.PHONY: help install models browser run test test-unit lint protos protos-check bench bench-report soak up down chart-lint compose-config airgap-bundle airgap-wheel-arm64 airgap-test-arm64 images images-binfmt images-test clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -112,6 +112,13 @@ compose-config: $(STAMP) ## validate docker-compose.yml offline (what docker com
 TORCH_INDEX ?=
 airgap-bundle: $(STAMP) $(HELM) ## one tarball for machines without network: dist/kefu-airgap-<version>.tar.gz (x86_64 + aarch64)
 	$(BIN)/python tools/airgap/build.py --out dist --helm $(HELM) $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
+
+airgap-wheel-arm64: $(STAMP) ## llama-cpp-python for ARM64, cross-compiled (as root, Debian) into .kefu/wheels, where airgap-bundle takes it
+	$(BIN)/python tools/airgap/arm64.py wheel
+
+airgap-test-arm64: airgap-wheel-arm64 airgap-bundle ## the wheel and the bundle on ARM64 under qemu-user (as root; slow): offline install, kefu up, a cited answer; bench/results/airgap-arm64*.json
+	$(BIN)/python tools/airgap/arm64.py check
+	$(BIN)/pytest -m qemu tests/deploy/test_airgap_arm64_qemu.py
 
 # Images with buildah, as root, where there is no Docker engine and no registry: a stand-in for
 # python:3.11-slim-bookworm built from Debian's packages (tools/images/base.sh), then the five Dockerfiles.

@@ -10,8 +10,10 @@
 # 4. prints how to start the stack here (kefu up) and the helm install line for the bundle's chart.
 #
 # Environment: PYTHON (default python3.11), KEFU_DATA_DIR (default PREFIX/data). On aarch64 the bundle
-# holds llama-cpp-python as source: it is compiled here (gcc, g++ and make; cmake comes in the bundle),
-# for this machine's CPU (CMAKE_ARGS to choose otherwise); it takes a few minutes.
+# holds llama-cpp-python as a wheel (tools/airgap/arm64.py builds it: ARMv8.2 with dot product) when it
+# was made with one, and always as source: pip takes the wheel where this machine's glibc is new enough
+# for it; otherwise the source is compiled here (gcc, g++ and make; cmake comes in the bundle) for this
+# machine's CPU (CMAKE_ARGS to choose otherwise), which takes a few minutes.
 set -eu
 
 BUNDLE=$(cd "$(dirname "$0")" && pwd)
@@ -31,8 +33,22 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
     || fail "kefu's wheels are for Python 3.11: set PYTHON to a python3.11"
 if [ "$ARCH" = aarch64 ]; then
-    command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 \
-        || fail "llama-cpp-python is compiled on aarch64: install gcc, g++ and make first"
+    # A bundled wheel tagged manylinux_2_<N>_aarch64 installs where glibc is 2.<N> or newer.
+    wheel_fits=$("$PYTHON" - "$BUNDLE/wheels/aarch64" <<'PY'
+import os, pathlib, re, sys
+glibc = tuple(int(x) for x in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])
+for w in sorted(pathlib.Path(sys.argv[1]).glob("llama_cpp_python-*.whl")):
+    m = re.search(r"manylinux_(\d+)_(\d+)_aarch64", w.name)
+    if m and (int(m[1]), int(m[2])) <= glibc:
+        print(w.name)
+PY
+)
+    if [ -n "$wheel_fits" ]; then
+        say "llama-cpp-python from $wheel_fits (nothing to compile)"
+    else
+        command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 \
+            || fail "llama-cpp-python is compiled here (no bundled wheel for this glibc): install gcc, g++ and make first"
+    fi
 fi
 
 say "creating $PREFIX (pip --no-index, from $BUNDLE/wheels)"
