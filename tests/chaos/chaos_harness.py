@@ -215,6 +215,13 @@ class ChaosStack:
         return busy
 
 
+def client(timeout_s: float) -> aiohttp.ClientSession:
+    """The visitors' HTTP client: no cap on connections (aiohttp's default of 100 would queue the 101st
+    conversation, and hold an open WebSocket's place, so 500 would never be at the gateways at once)."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                 connector=aiohttp.TCPConnector(limit=0))
+
+
 async def put_document(s: aiohttp.ClientSession, gateways: list[str], doc_id: str, doc: dict[str, str]) -> dict:
     """PUT a document through the first gateway that confirms it (200)."""
     for attempt in range(100):

@@ -38,17 +38,22 @@ def main() -> int:
         passed += rc == 0
         print(f"chaos run {n}/{args.times} ({scale}): {'passed' if rc == 0 else f'FAILED (rc {rc})'} "
               f"in {seconds[-1]} s", flush=True)
-    # Read back after the runs: the scenarios wrote their own sections meanwhile.
+        tally(scale, seconds, passed, args.times)  # after every run: an interrupted series still counts
+    return 0 if passed == args.times else 1
+
+
+def tally(scale: str, seconds: list[float], passed: int, planned: int) -> None:
+    # Read back each time: the scenarios wrote their own sections meanwhile.
     try:
         report = json.loads(RESULTS.read_text())
     except (OSError, ValueError):
         report = {}
-    report.setdefault("runs", {})[scale] = {"runs": args.times, "passed": passed, "in_a_row": passed == args.times,
-                                            "seconds": seconds, "median_s": statistics.median(seconds),
+    report.setdefault("runs", {})[scale] = {"runs": len(seconds), "planned": planned, "passed": passed,
+                                            "in_a_row": passed == len(seconds), "seconds": seconds,
+                                            "median_s": statistics.median(seconds),
                                             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return 0 if passed == args.times else 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from chaos_harness import (  # type: ignore[import-not-found]
     Tally,
     Visitor,
     WsVisitor,
+    client,
     conversation,
     put_document,
     record,
@@ -44,7 +45,7 @@ async def until_drained(stack: ChaosStack, within: float) -> tuple[float, dict]:
 
 async def test_restarting_nats_mid_load_every_service_reconnects_and_sessions_resume(stack: ChaosStack) -> None:
     tally = Tally()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=75)) as s:
+    async with client(75) as s:
         visitors = [WsVisitor(n, s, stack.gateways[n % 2], tally) for n in range(scaled(40, 200))]
         await asyncio.gather(*(v.start() for v in visitors))
         for v in visitors:
@@ -115,7 +116,7 @@ async def test_a_broker_outage_refuses_messages_with_a_typed_error_and_loses_non
     outcomes: dict[str, int] = {}
     refusal_s: list[float] = []
     rss: dict[str, list[float]] = {n: [] for n in gateways}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+    async with client(120) as s:
         visitors = [Visitor(n, s, stack.gateways, tally) for n in range(scaled(30, 100))]
         await asyncio.gather(*(v.start() for v in visitors))
         await asyncio.gather(*(v.say(f"{QUESTION} ({v.n}/first)", f"o{v.n}-first") for v in visitors))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import pytest
 from chaos_harness import (  # type: ignore[import-not-found]
     FULL,
@@ -17,6 +16,7 @@ from chaos_harness import (  # type: ignore[import-not-found]
     ChaosStack,
     Tally,
     Visitor,
+    client,
     conversation,
     record,
     scaled,
@@ -46,7 +46,7 @@ async def kill_in_turn(stack: ChaosStack, order: list[str], rounds: int, interva
 async def chaos_run(stack: ChaosStack, conversations: int, order: list[str], rounds: int, interval: float,
                     think_s: float) -> tuple[Audit, Tally, dict]:
     tally = Tally()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=75)) as s:
+    async with client(75) as s:
         visitors = [Visitor(n, s, stack.gateways, tally) for n in range(conversations)]
         await asyncio.gather(*(v.start() for v in visitors))
         done = asyncio.Event()
