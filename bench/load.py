@@ -768,10 +768,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             await tap.attach(stack.nats.url)
             try:
                 for replicas in args.replicas:
-                    await stack.phase("gen", replicas, cores)
+                    await stack.phase("gen", replicas, args.llm_threads)
                     key = f"gen-{replicas}"
-                    phases[key] = await run_phase(stack, "gen", replicas, cores, args.gen_sessions, args.gen_seconds,
-                                                  args.gen_think, texts)
+                    phases[key] = await run_phase(stack, "gen", replicas, args.llm_threads, args.gen_sessions,
+                                                  args.gen_seconds, args.gen_think, texts)
                     print(key, _brief(phases[key]), json.dumps(phases[key]["inference"]), flush=True)
             finally:
                 await tap.close()
@@ -780,7 +780,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             model = resolve(DEFAULT_LLM, stack.data)
             assert tap.job is not None, "no generation job was seen"
             messages = [{"role": m.role, "content": m.content} for m in tap.job.messages]
-            engine = await engine_baseline(stack, model, messages, tap.job.max_tokens, cores, args.raw_runs)
+            engine = await engine_baseline(stack, model, messages, min(tap.job.max_tokens, args.raw_max_tokens),
+                                           args.llm_threads, args.raw_runs)
     return {"phases": phases, "healthz": healthz, "search": search, "engine": engine, "model": model.name,
             "prompt_chars": sum(len(m["content"]) for m in messages)}
 
@@ -800,11 +801,15 @@ def main() -> None:
     ap.add_argument("--gen-think", type=float, default=3.0)
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replicas of gateway and dialogue "
                     "(and inference on the generation path), one phase each")
-    ap.add_argument("--raw-runs", type=int, default=7)
+    ap.add_argument("--llm-threads", type=int, default=os.cpu_count() or 2,
+                    help="llama.cpp threads, split between the inference replicas (and the raw engine's); on a "
+                         "machine whose cores other work also uses, 1 (llama.cpp's threads wait for each other)")
+    ap.add_argument("--raw-runs", type=int, default=5, help="runs of each, raw and idle service, on dialogue's prompt")
+    ap.add_argument("--raw-max-tokens", type=int, default=32, help="tokens each of those runs generates at most")
     args = ap.parse_args()
     if args.quick:
         args.sessions, args.seconds, args.gen_sessions, args.gen_seconds = 20, 5.0, 3, 8.0
-        args.replicas, args.raw_runs = [1], 3
+        args.replicas, args.raw_runs = [1], min(args.raw_runs, 3)
     from bench.gateway import _raise_nofile
     from bench.run import write
 
@@ -859,11 +864,11 @@ def report(args: argparse.Namespace, r: dict[str, Any], load0: tuple[float, floa
             "idle_service_ttft_over_raw": _ratio(idle["ttft_ms"], raw["ttft_ms"]),
             "idle_service_decode_over_raw": _ratio(idle["decode_tokens_per_s"], raw["decode_tokens_per_s"]),
         },
-        "cores": os.cpu_count(), "quick": args.quick,
+        "cores": os.cpu_count(), "llm_threads": args.llm_threads, "quick": args.quick,
         "load_average": {"before": round(load0[0], 2), "after": round(os.getloadavg()[0], 2),
                          "phases_median": {k: p["load_average"]["median"] for k, p in phases.items()}},
         "note": "the load generator, nats-server and every service share the machine's cores: a second replica adds "
-                "parallelism, not cores (inference: all cores' threads on one replica, split between two); the "
+                "parallelism, not cores (inference: --llm-threads on one replica, split between two, at least 1 each); the "
                 "load average counts whatever else the machine runs",
         "settings": {"sessions": args.sessions, "seconds": args.seconds, "think_s": args.think,
                      "gen_sessions": args.gen_sessions, "gen_seconds": args.gen_seconds, "gen_think_s": args.gen_think,
