@@ -99,6 +99,11 @@ def test_bundle_installs_offline_and_the_stack_starts(tmp_path):
     where = subprocess.run([str(prefix / "bin" / "python"), "-c", "import kefu.shared, kefu.inference.app; "
                             "print(kefu.shared.__file__)"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert where.returncode == 0 and where.stdout.startswith(str(prefix)), where.stdout + where.stderr
+    # OpenCV without its GUI parts (a bare node has no libxcb or libGL), as in the inference image.
+    cv = subprocess.run([str(prefix / "bin" / "python"), "-m", "pip", "--isolated", "list", "--format=json"],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    installed = {d["name"].lower() for d in json.loads(cv.stdout)}
+    assert "opencv-python-headless" in installed and "opencv-python" not in installed, cv.stdout
     data = prefix / "data"
     assert json.loads((data / "models" / "models.json").read_text())
 

