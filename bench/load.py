@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -575,24 +576,31 @@ async def search_baseline(nats_url: str, tenant: str, texts: list[str], n: int, 
         return time.perf_counter() - t0
 
     try:
-        for _ in range(5):
-            await one()
-        sequential = [await one() for _ in range(n)]
-        done: list[float] = []
-        end = time.monotonic() + seconds
-
-        async def loop() -> None:
-            while time.monotonic() < end:
-                done.append(await one())
-
-        t0 = time.monotonic()
-        await asyncio.gather(*(loop() for _ in range(max(1, concurrency))))
-        wall = time.monotonic() - t0
+        sequential, done, wall = await sequential_then_closed_loop(one, n, concurrency, seconds)
     finally:
         await bus.close()
     return {"what": "bare kefu.retrieval.search over NATS (k=12), the same questions, stack otherwise idle",
             "sequential": latency_ms(sequential), "concurrency": concurrency,
             "concurrent": {**latency_ms(done), "searches_per_s": round(len(done) / wall, 2)}}
+
+
+async def sequential_then_closed_loop(one: Callable[[], Awaitable[float]], n: int, concurrency: int,
+                                     seconds: float) -> tuple[list[float], list[float], float]:
+    """A baseline's timings: 5 warm-up calls of ``one``, ``n`` one after another, then ``concurrency``
+    closed loops for ``seconds``; returns (sequential, concurrent, the loops' wall seconds)."""
+    for _ in range(5):
+        await one()
+    sequential = [await one() for _ in range(n)]
+    done: list[float] = []
+    end = time.monotonic() + seconds
+
+    async def loop() -> None:
+        while time.monotonic() < end:
+            done.append(await one())
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(loop() for _ in range(max(1, concurrency))))
+    return sequential, done, time.monotonic() - t0
 
 
 async def healthz_baseline(base: str, n: int, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -608,19 +616,7 @@ async def healthz_baseline(base: str, n: int, concurrency: int, seconds: float) 
                 assert r.status == 200
             return time.perf_counter() - t0
 
-        for _ in range(5):
-            await one()
-        sequential = [await one() for _ in range(n)]
-        done: list[float] = []
-        end = time.monotonic() + seconds
-
-        async def loop() -> None:
-            while time.monotonic() < end:
-                done.append(await one())
-
-        t0 = time.monotonic()
-        await asyncio.gather(*(loop() for _ in range(max(1, concurrency))))
-        wall = time.monotonic() - t0
+        sequential, done, wall = await sequential_then_closed_loop(one, n, concurrency, seconds)
     return {"what": "GET /healthz on the gateway, stack otherwise idle", "sequential": latency_ms(sequential),
             "concurrency": concurrency, "concurrent": {**latency_ms(done), "requests_per_s": round(len(done) / wall, 2)}}
 
