@@ -127,7 +127,8 @@ class ChaosStack:
                               ("gateway-a", "gateway"), ("gateway-b", "gateway")):
             env = dict(base, KEFU_INSTANCE=name, KEFU_DATA_DIR=str(shared))
             if service == "retrieval":  # each replica its own disk, as in Kubernetes (its index snapshot)
-                env["KEFU_DATA_DIR"] = str(data_dir(name))
+                # info: its start-up phases (embedder, snapshot, catch-up) with their seconds, in its log.
+                env.update(KEFU_DATA_DIR=str(data_dir(name)), KEFU_LOG_LEVEL="info")
             if service == "gateway":
                 port = free_port()
                 env.update(KEFU_HTTP_PORT=str(port), KEFU_GRPC_PORT=str(free_port()), KEFU_TURN_TIMEOUT="60")
@@ -185,7 +186,8 @@ class ChaosStack:
                 left -= await self.instances(service)
             for n in left:
                 assert self.procs[n].alive, f"{n} exited:\n{self.procs[n].tail()}"
-            assert time.monotonic() - t0 < timeout, f"not healthy after {timeout}s: {sorted(left)}"
+            assert time.monotonic() - t0 < timeout, f"not healthy after {timeout}s: {sorted(left)}\n" + "\n".join(
+                self.procs[n].tail() for n in sorted(left))
             if left:
                 await asyncio.sleep(0.2)
         return time.monotonic() - t0
@@ -222,18 +224,24 @@ def client(timeout_s: float) -> aiohttp.ClientSession:
                                  connector=aiohttp.TCPConnector(limit=0))
 
 
-async def put_document(s: aiohttp.ClientSession, gateways: list[str], doc_id: str, doc: dict[str, str]) -> dict:
-    """PUT a document through the first gateway that confirms it (200)."""
+async def admin_call(s: aiohttp.ClientSession, gateways: list[str], method: str, path: str,
+                     body: object = None) -> dict:
+    """An admin request sent again, to the next gateway in turn, until one answers 200 (a replica may be
+    restarting); any answer but a retryable one fails the test."""
     for attempt in range(100):
         base = gateways[attempt % len(gateways)]
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with s.put(f"{base}/v1/tenants/{TENANT}/documents/{doc_id}", json=doc,
-                             headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+            async with s.request(method, base + path, json=body, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
                 if r.status == 200:
                     return await r.json()
-                assert r.status in RETRY_STATUSES, (r.status, await r.text())
+                assert r.status in RETRY_STATUSES, (method, path, r.status, await r.text())
         await asyncio.sleep(0.2)
-    raise AssertionError(f"{doc_id} was never stored")
+    raise AssertionError(f"{method} {path}: no 200 in 100 tries")
+
+
+async def put_document(s: aiohttp.ClientSession, gateways: list[str], doc_id: str, doc: dict[str, str]) -> dict:
+    """PUT a document through the first gateway that confirms it (200)."""
+    return await admin_call(s, gateways, "PUT", f"/v1/tenants/{TENANT}/documents/{doc_id}", doc)
 
 
 @dataclass
@@ -323,13 +331,7 @@ class Visitor:
 
 async def conversation(s: aiohttp.ClientSession, base: str, cid: str) -> dict:
     """The state as an admin sees it (with each bot turn's provenance)."""
-    for _ in range(100):
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with s.get(f"{base}/v1/conversations/{cid}", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-                if r.status == 200:
-                    return await r.json()
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"cannot read {cid}")
+    return await admin_call(s, [base], "GET", f"/v1/conversations/{cid}")
 
 
 @dataclass

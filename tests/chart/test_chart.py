@@ -4,7 +4,6 @@ and what each value does to the objects."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 import shutil
@@ -15,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from kefu.shared.testing import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kefu"
@@ -27,11 +28,7 @@ pytestmark = pytest.mark.chart
 
 
 def _load_lint():
-    spec = importlib.util.spec_from_file_location("chart_lint", ROOT / "tools" / "chart_lint.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint")
 
 
 chart_lint = _load_lint()

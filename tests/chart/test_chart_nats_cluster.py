@@ -4,7 +4,6 @@ server go at a time, the route port open between the servers only; and the fsync
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from kefu.shared.natsserver import find_nats_server
+from kefu.shared.testing import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kefu"
@@ -25,11 +25,7 @@ pytestmark = pytest.mark.chart
 
 
 def _lint():
-    spec = importlib.util.spec_from_file_location("chart_lint_cluster", ROOT / "tools" / "chart_lint.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint_cluster")
 
 
 chart_lint = _lint()

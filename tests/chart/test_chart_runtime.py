@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kefu.shared.models import models_dir
 from kefu.shared.natsserver import die_with_parent, find_nats_server, free_port
+from kefu.shared.testing import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools" / "helm" / "helm"
@@ -32,11 +32,7 @@ pytestmark = [pytest.mark.chart, pytest.mark.integration]
 
 
 def _load_lint():
-    spec = importlib.util.spec_from_file_location("chart_lint", ROOT / "tools" / "chart_lint.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint")
 
 
 chart_lint = _load_lint()

@@ -14,13 +14,12 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from kefu.shared.natsserver import free_port
+from kefu.shared.testing import http
 
 # Building the bundle and installing 2 GB of wheels take minutes (more on a busy machine): past the default.
 pytestmark = [pytest.mark.e2e, pytest.mark.model, pytest.mark.timeout(4200)]
@@ -28,19 +27,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model, pytest.mark.timeout(4200)]
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools" / "helm" / "helm"
 ADMIN = "airgap-admin-token-0123456789"
-
-
-def http(base, method, path, body=None, token=None, timeout=120):
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    data = json.dumps(body).encode() if body is not None else None
-    try:
-        with urllib.request.urlopen(urllib.request.Request(base + path, data=data, method=method, headers=headers),
-                                    timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:
-        return 0, str(e)
 
 
 def offline(cmd: list[str]) -> list[str]:

@@ -7,7 +7,6 @@ no libssl) and is the version the bundle takes. The bundle installed and run on 
 
 import base64
 import hashlib
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import parse_wheel_filename
 
+from kefu.shared.testing import load_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 CROSS_CC = shutil.which("aarch64-linux-gnu-gcc")
 BUILT = sorted((ROOT / ".kefu" / "wheels").glob("llama_cpp_python-*_aarch64.whl"))
@@ -28,14 +29,7 @@ SYSTEM_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt
                "libstdc++.so.6", "libgcc_s.so.1"}
 
 
-def load_arm64():
-    spec = importlib.util.spec_from_file_location("airgap_arm64", ROOT / "tools" / "airgap" / "arm64.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-arm64 = load_arm64()
+arm64 = load_tool(ROOT / "tools" / "airgap" / "arm64.py", "airgap_arm64")
 
 
 def record_line(name: str, data: bytes) -> str:

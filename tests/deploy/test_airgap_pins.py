@@ -3,7 +3,6 @@ the torch pins that kefu-retrieval's real wheel carries for x86-64 and aarch64, 
 finds what a set of wheels still needs on an architecture, follows extras, and refuses a file whose version
 the requirement excludes (pip would fail on it offline)."""
 
-import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -11,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from kefu.shared.testing import load_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_build():
-    spec = importlib.util.spec_from_file_location("airgap_build", ROOT / "tools" / "airgap" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = load_build()
+build = load_tool(ROOT / "tools" / "airgap" / "build.py", "airgap_build")
 
 
 @pytest.fixture(scope="module")

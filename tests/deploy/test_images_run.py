@@ -20,8 +20,6 @@ import resource
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import pytest
 
 from kefu.shared.models import DEFAULT_EMBED, DEFAULT_LLM, models_dir
 from kefu.shared.natsserver import NatsServer, free_port
+from kefu.shared.testing import http
 
 pytestmark = [pytest.mark.images, pytest.mark.model]
 
@@ -87,20 +86,6 @@ def ulimits() -> list[str]:
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     nproc = min(4096, resource.getrlimit(resource.RLIMIT_NPROC)[0])
     return ["--ulimit", f"nofile={nofile[0]}:{nofile[1]}", "--ulimit", f"nproc={nproc}:{nproc}"]
-
-
-def http(base: str, method: str, path: str, body: object = None, token: str | None = None,
-         timeout: float = 120) -> tuple[int, str]:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    data = json.dumps(body).encode() if body is not None else None
-    try:
-        with urllib.request.urlopen(urllib.request.Request(base + path, data=data, method=method, headers=headers),
-                                    timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:
-        return 0, str(e)
 
 
 @dataclass

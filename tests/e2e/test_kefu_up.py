@@ -223,3 +223,12 @@ def test_metrics_ports_of_the_children():
     for bad in ("nine", "65534", "-1"):
         with pytest.raises(ValueError, match="KEFU_METRICS_PORT"):
             metrics_ports(names, bad)
+
+
+def test_ready_timeout_setting():
+    from kefu.cli.up import READY_TIMEOUT, ready_timeout
+
+    assert ready_timeout("") == READY_TIMEOUT and ready_timeout("1800") == 1800.0
+    for bad in ("soon", "0", "-5", "nan", "1e9"):
+        with pytest.raises(ValueError, match="KEFU_READY_TIMEOUT"):
+            ready_timeout(bad)

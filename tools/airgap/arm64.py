@@ -364,7 +364,8 @@ report["import_all_s"] = round(time.monotonic() - t0, 1)
 report["torch"], report["llama_cpp_python"] = imports.stdout.split()
 log = open("/tmp/kefu-up.log", "wb")
 proc = subprocess.Popen([prefix + "/bin/kefu", "up", "--data-dir", data], stdout=log, stderr=subprocess.STDOUT,
-                        env=dict(os.environ, KEFU_ADMIN_TOKEN=admin), start_new_session=True)
+                        env=dict(os.environ, KEFU_ADMIN_TOKEN=admin, KEFU_READY_TIMEOUT=str(budget)),
+                        start_new_session=True)
 t0 = time.monotonic()
 try:
     while http("GET", "/readyz", timeout=5)[0] != 200:

@@ -77,3 +77,24 @@ async def test_same_message_id_is_stored_once(store):
     with pytest.raises(errors.Conflict):
         await store.append(state, VisitorMessage("once", "cm"), msg_id=f"{state.conversation_id}:cm")
     assert [t.text for t in (await store.load(state.conversation_id)).turns] == ["once"]
+
+
+async def test_local_states_are_capped_by_bytes(bus):
+    """The states a replica keeps for its own next turns stay under their byte budget, the least recently
+    written dropped first; a dropped one still loads (from the KV cache)."""
+    from kefu.dialogue.store import PY_BYTES_PER_ENCODED
+
+    store = ConversationStore(bus, "capped", local_bytes=64 << 10)
+    await store.setup()
+    states = []
+    for n in range(40):
+        state = await new_conversation(store)
+        state, ev = await store.append(state, VisitorMessage(f"question {n:02d} " + "x" * 200, f"m{n:02d}"), cache=False)
+        state, _ = await store.append(state, BotReply("answer " + "y" * 400, "kb", ("doc#0",), ev.seq))
+        states.append(state)
+    weight = len(state_to_proto(states[-1]).SerializeToString()) * PY_BYTES_PER_ENCODED
+    assert 0 < store.local_bytes <= 64 << 10
+    kept = [s for s in states if await store.load(s.conversation_id, local=True) is s]
+    # The latest ones are kept (as many as fit), the oldest dropped; every one still loads.
+    assert kept == states[len(states) - len(kept):] and len(kept) == (64 << 10) // weight
+    assert await store.load(states[0].conversation_id, local=True) == states[0]

@@ -27,7 +27,7 @@ from kefu.shared.models import DEFAULT_EMBED, DEFAULT_LLM, ModelError, models_di
 from kefu.shared.natsserver import NatsServer, die_with_parent, free_port
 from kefu.shared.service import health_subject
 
-READY_TIMEOUT = 600.0
+READY_TIMEOUT = 600.0  # default of KEFU_READY_TIMEOUT
 STOP_GRACE = 15.0
 
 
@@ -101,6 +101,7 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
                KEFU_METRICS_HOST=os.environ.get("KEFU_METRICS_HOST") or host)
     try:
         ports = metrics_ports(services, os.environ.get("KEFU_METRICS_PORT", ""))
+        ready_s = ready_timeout(os.environ.get("KEFU_READY_TIMEOUT", ""))
     except ValueError as exc:
         say(f"error: {exc}")
         return 2
@@ -109,7 +110,8 @@ def up(*, http_port: int, grpc_port: int, nats_url: str | None, data_dir: Path, 
                 for name in services]
     try:
         metrics = {name: f"http://{env['KEFU_METRICS_HOST']}:{port}/metrics" for name, port in ports.items()}
-        return asyncio.run(_run(children, nats_url, data_dir, token, http_port, grpc_port, host, metrics))
+        return asyncio.run(_run(children, nats_url, data_dir, token, http_port, grpc_port, host, metrics,
+                                ready_s))
     finally:
         _stop_children(children)
         if nats is not None:
@@ -133,6 +135,20 @@ def metrics_ports(services: list[str], setting: str) -> dict[str, int]:
     return {name: int(value) + i for i, name in enumerate(services)}
 
 
+def ready_timeout(setting: str) -> float:
+    """Seconds ``kefu up`` waits for every service to be ready (``KEFU_READY_TIMEOUT``; longer on a slow or
+    emulated node, where loading the models takes minutes)."""
+    if not setting.strip():
+        return READY_TIMEOUT
+    try:
+        value = float(setting)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86400:
+        raise ValueError(f"KEFU_READY_TIMEOUT must be seconds between 0 and 86400 (got {setting!r})")
+    return value
+
+
 def _provision_models(data_dir: Path) -> None:
     directory = models_dir(data_dir)
     wanted = [spec for spec, env in ((DEFAULT_LLM, "KEFU_LLM_MODEL"), (DEFAULT_EMBED, "KEFU_EMBED_MODEL"))
@@ -143,7 +159,7 @@ def _provision_models(data_dir: Path) -> None:
 
 
 async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str, http_port: int, grpc_port: int,
-               host: str, metrics: dict[str, str]) -> int:
+               host: str, metrics: dict[str, str], ready_s: float = READY_TIMEOUT) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,8 +181,8 @@ async def _run(children: list[Child], nats_url: str, data_dir: Path, token: str,
                 if await _healthy(bus, name):
                     pending.discard(name)
                     say(f"{name} is ready")
-            if time.monotonic() - t0 > READY_TIMEOUT:
-                say(f"error: not ready after {READY_TIMEOUT:.0f}s: {', '.join(sorted(pending))}")
+            if time.monotonic() - t0 > ready_s:
+                say(f"error: not ready after {ready_s:.0f}s (KEFU_READY_TIMEOUT): {', '.join(sorted(pending))}")
                 return 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.3)

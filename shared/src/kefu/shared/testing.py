@@ -13,12 +13,17 @@ CJK font, :func:`char_accuracy` scores an OCR result against the text drawn.
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import unicodedata
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -109,3 +114,29 @@ def char_accuracy(reference: str, hypothesis: str) -> float:
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
         previous = current
     return max(0.0, 1 - previous[-1] / max(len(ref), 1))
+
+
+def http(base: str, method: str, path: str, body: object = None, token: str | None = None,
+         timeout: float = 120) -> tuple[int, str]:
+    """One JSON request to a running stack with the standard library (for tests driving an installed or
+    containerized kefu from outside): (status, body text); status 0 with the error when nothing answered."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + path, data=data, method=method, headers=headers),
+                                    timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def load_tool(path: Path, name: str) -> ModuleType:
+    """The module of a script that is not a package (tools/airgap/build.py, tools/chart_lint.py), loaded
+    from its file under ``name`` so tests can call its functions."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -85,6 +85,9 @@ class DialogueSettings(KefuSettings):
     # Ask the model for slots too (JSON schema constrained) where the rules find none; for a capable
     # model (KEFU_LLM_MODEL / the openai backend). What it proposes is kept only if the text bears it out.
     slots_model: bool = False
+    # The memory (MiB) for the states this replica keeps for its own next turns (KEFU_STATE_CACHE_MB);
+    # past it the least recently written are dropped, and their next turn reads the KV cache instead.
+    state_cache_mb: int = Field(default=32, ge=0, le=65536)
 
 
 def failures(state: State) -> int:
@@ -151,7 +154,8 @@ class DialogueService(Service):
         await asyncio.to_thread(textutil.warm_up)
         gloss = await asyncio.to_thread(Gloss.load) if self.settings.gloss_enabled else None
         keyring = Keyring.from_settings(bus.js, self.settings)
-        self.store = ConversationStore(bus, f"dialogue/{self.settings.instance}", keyring=keyring)
+        self.store = ConversationStore(bus, f"dialogue/{self.settings.instance}", keyring=keyring,
+                                       local_bytes=self.settings.state_cache_mb << 20)
         await self.store.setup()
         s = self.settings
         self.answerer = Answerer(bus, AnswerSettings(search_k=s.search_k, max_tokens=s.llm_max_tokens,

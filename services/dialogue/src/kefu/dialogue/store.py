@@ -27,19 +27,26 @@ from kefu.shared.streams import KV_CONV_STATE, STREAM_CONV, conv_stream, conv_su
 log = get_logger("kefu.dialogue.store")
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed Nats-Expected-Last-Subject-Sequence
+# What a state costs in this process per byte of its encoding (its turns as Python objects and tuples):
+# 4.2 measured with tracemalloc on conversations of six cited answers (18 KB held for 4.4 KB encoded).
+PY_BYTES_PER_ENCODED = 4
 
 
 class ConversationStore:
     """Appends events with optimistic concurrency and loads state (cached, or folded from the log)."""
 
-    def __init__(self, bus: Bus, writer: str, local_states: int = 10_000, keyring: Keyring | None = None) -> None:
+    def __init__(self, bus: Bus, writer: str, local_bytes: int = 32 << 20, keyring: Keyring | None = None) -> None:
+        """``local_bytes`` bounds the memory of the states this replica keeps for its own next turns
+        (least recently written dropped first; a dropped one costs a KV round trip, nothing else)."""
         self.bus = bus
         self.writer = writer
         self.keyring = keyring or Keyring(bus.js, None)
         self.kv: KeyValue | None = None
-        # The states this replica wrote last, for its own next turn on them (see load(local=True)).
-        self._local: OrderedDict[str, State] = OrderedDict()
-        self._local_max = local_states
+        # The states this replica wrote last, for its own next turn on them (see load(local=True)), each
+        # with what it is reckoned to cost; the total stays under local_bytes.
+        self._local: OrderedDict[str, tuple[State, int]] = OrderedDict()
+        self._local_bytes = 0
+        self._local_max = local_bytes
 
     async def setup(self) -> None:
         await ensure_stream(self.bus.js, conv_stream())
@@ -74,22 +81,33 @@ class ConversationStore:
             # The same message id was stored before (a retried request): the log already has it.
             raise Conflict("duplicate append", code="concurrent_update")
         new = replace(reduce(state, ev), stream_seq=ack.seq)
-        self._remember(new)
-        if cache:
-            await self._cache(new)
+        encoded = state_to_proto(new).SerializeToString() if cache else None
+        self._remember(new, encoded)
+        if encoded is not None:
+            await self._cache(new, encoded)
         return new, ev
 
-    def _remember(self, state: State) -> None:
-        self._local[state.conversation_id] = state
-        self._local.move_to_end(state.conversation_id)
-        while len(self._local) > self._local_max:
-            self._local.popitem(last=False)
+    @property
+    def local_bytes(self) -> int:
+        """What the states kept for this replica's next turns are reckoned to cost."""
+        return self._local_bytes
 
-    async def _cache(self, state: State) -> None:
+    def _remember(self, state: State, encoded: bytes | None) -> None:
+        cid = state.conversation_id
+        old = self._local.pop(cid, None)
+        # Without an encoding (an append that leaves the cache behind) the state is one event longer
+        # than the last one weighed: that weight stands until the next encoding.
+        size = len(encoded) * PY_BYTES_PER_ENCODED if encoded is not None else (old[1] if old else 4096)
+        self._local_bytes += size - (old[1] if old else 0)
+        self._local[cid] = (state, size)
+        while self._local_bytes > self._local_max and self._local:
+            _, (_, dropped) = self._local.popitem(last=False)
+            self._local_bytes -= dropped
+
+    async def _cache(self, state: State, encoded: bytes) -> None:
         assert self.kv is not None
         try:
-            value = await self.keyring.seal(state.tenant, state_to_proto(state).SerializeToString(),
-                                            _state_context(state.conversation_id))
+            value = await self.keyring.seal(state.tenant, encoded, _state_context(state.conversation_id))
             await self.kv.put(state.conversation_id, value)
         except (nats.errors.Error, APIError) as exc:  # the cache is an optimisation: the log is the truth
             log.warning("state cache write failed", error=str(exc))
@@ -108,7 +126,7 @@ class ConversationStore:
         """
         assert self.kv is not None
         if local and not verify and conversation_id in self._local:
-            return self._local[conversation_id]
+            return self._local[conversation_id][0]
         cached: State | None = None
         try:
             entry = await self.kv.get(conversation_id)
@@ -129,8 +147,9 @@ class ConversationStore:
         tenant = subject.split(".")[2]
         events, stream_seq = await self.read(subject, count)
         state = replace(fold(conversation_id, tenant, events), stream_seq=stream_seq)
-        self._remember(state)
-        await self._cache(state)
+        encoded = state_to_proto(state).SerializeToString()
+        self._remember(state, encoded)
+        await self._cache(state, encoded)
         return state
 
     async def state_at(self, conversation_id: str, at_seq: int) -> State:

@@ -93,12 +93,13 @@ class RetrievalService(Service):
         return self.settings.data_dir / "retrieval" / "snapshot.pkl"
 
     async def start(self, bus: Bus, stack: AsyncExitStack) -> None:
+        t_load = time.monotonic()
         path = resolve(DEFAULT_EMBED, self.settings.data_dir, self.settings.embed_model)
         self.embedder = await asyncio.to_thread(Embedder, path, self.settings.embed_threads)
         stack.push_async_callback(self.embedder.close)
         self.embedder_id = await asyncio.to_thread(sha256_path, path)
         await asyncio.to_thread(text.warm_up)
-        self.log.info("embedder loaded", model=str(path), dim=self.embedder.dim)
+        self.log.info("embedder loaded", model=str(path), dim=self.embedder.dim, s=round(time.monotonic() - t_load, 2))
         await ensure_stream(bus.js, kb_stream())
         info = await bus.js.stream_info(STREAM_KB)
         created = str(info.created or "")
