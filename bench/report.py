@@ -20,10 +20,13 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 OUT = Path(__file__).parent / "report.md"
+# The results the last report was made from (committed beside it): a benchmark not run since keeps its
+# figures, with their date, instead of dropping out of the page.
+RECORD = Path(__file__).parent / "report.json"
 MAX_ROWS = 40  # per benchmark in the generic tables; the JSON has the rest
 # Sections of their own below; everything else gets the generic table.
 OWN_SECTION = {"load", "durability", "chaos", "soak"}
-SKIP_KEYS = {"benchmark", "machine", "when", "what", "note", "series", "method", "model", "quick"}
+SKIP_KEYS = {"benchmark", "machine", "when", "what", "note", "series", "method", "model", "quick", "carried"}
 
 
 def fmt(v: Any) -> str:
@@ -69,14 +72,25 @@ def dig(obj: Any, *path: str) -> Any:
     return obj
 
 
-def load_results(results: Path) -> dict[str, dict[str, Any]]:
-    out = {}
+def load_results(results: Path, record: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every benchmark's JSON in ``results``; with ``record`` (the JSON of the last report), the benchmarks
+    not run since are taken from it, marked ``carried: true`` (their ``when`` says from when)."""
+    out: dict[str, dict[str, Any]] = {}
     for f in sorted(results.glob("*.json")):
         try:
             out[f.stem] = json.loads(f.read_text())
         except ValueError as exc:
             out[f.stem] = {"unreadable": str(exc)}
-    return out
+    earlier: dict[str, Any] = {}
+    if record is not None and record.exists():
+        try:
+            earlier = json.loads(record.read_text())
+        except ValueError:
+            earlier = {}
+    for name, data in earlier.items():
+        if name not in out and isinstance(data, dict) and "unreadable" not in data:
+            out[name] = {**data, "carried": True}
+    return dict(sorted(out.items()))
 
 
 # The generic table: figure / baseline / ratio pairs found by their names.
@@ -206,6 +220,10 @@ def headline(r: dict[str, dict[str, Any]]) -> list[str]:
     out = table(["what", "figure", "baseline (same run)", "ratio"], rows)
     if missing:
         out += ["Not run for this report: " + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+    carried = [n for n, d in r.items() if d.get("carried")]
+    if carried:
+        out += ["Not run since the last report, their figures kept from it (`bench/report.json`, with their "
+                "dates): " + ", ".join(f"`{c}` ({str(r[c].get('when', 'undated'))[:10]})" for c in carried) + ".", ""]
     return out
 
 
@@ -299,7 +317,7 @@ def render(r: dict[str, dict[str, Any]]) -> str:
     la = [v for v in load_avgs if isinstance(v, (int, float))]
     lines = ["# kefu performance report", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make bench-report` "
-             "(`python -m bench.report`) from `bench/results/*.json`"
+             "(`python -m bench.report`) from `bench/results/*.json` and, for what was not run since, `bench/report.json`"
              + (f", benchmarks run {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "") if dates else "")
              + f". Machine: {cpus} cores, {plat}.",
              "",
@@ -333,9 +351,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--record", type=Path, default=RECORD,
+                    help="the last report's results: read for benchmarks not run since, then rewritten")
+    ap.add_argument("--fresh", action="store_true", help="only what bench/results holds now")
     args = ap.parse_args()
-    args.out.write_text(render(load_results(args.results)))
-    print(f"wrote {args.out}")
+    results = load_results(args.results, None if args.fresh else args.record)
+    args.out.write_text(render(results))
+    args.record.write_text(json.dumps({k: {x: y for x, y in v.items() if x != "carried"} for k, v in results.items()},
+                                      indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out} and {args.record}")
 
 
 if __name__ == "__main__":
