@@ -107,3 +107,28 @@ def test_the_built_llama_wheel(tmp_path):
                                 "print(m.version('llama-cpp-python'))"], capture_output=True, text=True)
     if installed.returncode == 0:  # the same llama-cpp-python as this machine's
         assert installed.stdout.strip() == str(version)
+
+
+def fitting_wheels(tmp_path: Path, wheels: dict[str, bytes]) -> tuple[list[str], str]:
+    """install.sh's choice of a bundled aarch64 llama-cpp-python wheel (its embedded Python, run here):
+    each wheel holding one library with ``bytes``; the ones it takes, and what it said of the others."""
+    script = (ROOT / "tools" / "airgap" / "install.sh").read_text()
+    snippet = re.search(r"<<'PY'\n(.*?)\nPY\n", script, re.S)[1]
+    d = tmp_path / "aarch64"
+    d.mkdir()
+    for name, lib in wheels.items():
+        with zipfile.ZipFile(d / name, "w") as z:
+            z.writestr("llama_cpp/lib/libllama.so", lib)
+    run = subprocess.run([sys.executable, "-", str(d)], input=snippet, capture_output=True, text=True, check=True)
+    return run.stdout.split(), run.stderr
+
+
+def test_install_takes_the_wheel_only_where_libstdcxx_has_what_it_needs(tmp_path):
+    # Any libstdc++ since GCC 5 defines GLIBCXX_3.4.21, none 3.4.999; the glibc here is older than 2.99.
+    fits, said = fitting_wheels(tmp_path, {
+        "llama_cpp_python-1-py3-none-manylinux_2_34_aarch64.whl": b"\0GLIBC_2.34\0GLIBCXX_3.4.21\0CXXABI_1.3\0",
+        "llama_cpp_python-2-py3-none-manylinux_2_34_aarch64.whl": b"\0GLIBC_2.34\0GLIBCXX_3.4.999\0",
+        "llama_cpp_python-3-py3-none-manylinux_2_99_aarch64.whl": b"\0GLIBC_2.99\0",
+    })
+    assert fits == ["llama_cpp_python-1-py3-none-manylinux_2_34_aarch64.whl"]
+    assert "needs GLIBCXX_3.4.999, which this libstdc++ lacks" in said

@@ -32,22 +32,41 @@ ARCH=$(uname -m)
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
     || fail "kefu's wheels are for Python 3.11: set PYTHON to a python3.11"
+NO_BINARY=
 if [ "$ARCH" = aarch64 ]; then
-    # A bundled wheel tagged manylinux_2_<N>_aarch64 installs where glibc is 2.<N> or newer.
+    # A bundled wheel fits where glibc is at least its tag's (manylinux_2_<N>_aarch64: pip checks that too)
+    # and this machine's C++ runtime defines every GLIBCXX version its libraries need (no tag says that:
+    # pip would install a wheel that cannot load, e.g. on RHEL 9's libstdc++).
     wheel_fits=$("$PYTHON" - "$BUNDLE/wheels/aarch64" <<'PY'
-import os, pathlib, re, sys
+import ctypes, os, pathlib, re, sys, zipfile
+def cxx(data):
+    return {tuple(int(x) for x in v.split(b".")) for v in re.findall(rb"GLIBCXX_(3\.4(?:\.[0-9]+)?)", data)}
 glibc = tuple(int(x) for x in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])
+have = set()
+try:
+    ctypes.CDLL("libstdc++.so.6")
+    path = next(line.split()[-1] for line in open("/proc/self/maps") if "libstdc++.so" in line)
+    have = cxx(pathlib.Path(path).read_bytes())
+except (OSError, StopIteration):
+    pass
 for w in sorted(pathlib.Path(sys.argv[1]).glob("llama_cpp_python-*.whl")):
     m = re.search(r"manylinux_(\d+)_(\d+)_aarch64", w.name)
-    if m and (int(m[1]), int(m[2])) <= glibc:
+    if not m or (int(m[1]), int(m[2])) > glibc:
+        continue
+    with zipfile.ZipFile(w) as z:
+        need = set().union(*(cxx(z.read(n)) for n in z.namelist() if re.search(r"\.so(\.\d+)*$", n)))
+    if need <= have:
         print(w.name)
+    else:
+        print(f"{w.name} needs GLIBCXX_{'.'.join(map(str, max(need - have)))}, which this libstdc++ lacks", file=sys.stderr)
 PY
 )
     if [ -n "$wheel_fits" ]; then
         say "llama-cpp-python from $wheel_fits (nothing to compile)"
     else
+        NO_BINARY="--no-binary llama-cpp-python"
         command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 \
-            || fail "llama-cpp-python is compiled here (no bundled wheel for this glibc): install gcc, g++ and make first"
+            || fail "llama-cpp-python is compiled here (no bundled wheel for this glibc and C++ runtime): install gcc, g++ and make first"
     fi
 fi
 
@@ -57,7 +76,8 @@ pip_install() {
     "$PREFIX/bin/python" -m pip --isolated --disable-pip-version-check install --no-index \
         --find-links "$BUNDLE/wheels/any" --find-links "$BUNDLE/wheels/$ARCH" "$@"
 }
-pip_install "kefu==$VERSION"
+# shellcheck disable=SC2086 # NO_BINARY is two words or none
+pip_install $NO_BINARY "kefu==$VERSION"
 # OpenCV (for the OCR) without its GUI parts, whose X libraries (libxcb, libGL) a bare node does not have:
 # the same version, from the bundle, as services/inference/Dockerfile does.
 cv=$("$PREFIX/bin/python" -m pip --isolated show opencv-python 2>/dev/null | sed -n 's/^Version: //p')
