@@ -27,11 +27,7 @@ KEY_SERVICES = ("gateway", "dialogue", "inference", "plugins")
 pytestmark = pytest.mark.chart
 
 
-def _load_lint():
-    return load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint")
-
-
-chart_lint = _load_lint()
+chart_lint = load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint")
 
 
 @pytest.fixture(scope="module", autouse=True)

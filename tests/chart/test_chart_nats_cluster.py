@@ -24,11 +24,7 @@ SERVICES = ("gateway", "dialogue", "retrieval", "inference", "plugins")
 pytestmark = pytest.mark.chart
 
 
-def _lint():
-    return load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint_cluster")
-
-
-chart_lint = _lint()
+chart_lint = load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint_cluster")
 
 
 def render(*sets: str, values: Path | None = None) -> list[dict[str, Any]]:

@@ -31,11 +31,7 @@ HELM = ROOT / ".tools" / "helm" / "helm"
 pytestmark = [pytest.mark.chart, pytest.mark.integration]
 
 
-def _load_lint():
-    return load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint")
-
-
-chart_lint = _load_lint()
+chart_lint = load_tool(ROOT / "tools" / "chart_lint.py", "chart_lint")
 
 
 def render(*sets: str) -> list[dict[str, Any]]:

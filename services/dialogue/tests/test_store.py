@@ -4,7 +4,7 @@ import pytest
 
 from kefu.dialogue.codec import state_to_proto
 from kefu.dialogue.state import BotReply, Started, State, VisitorMessage
-from kefu.dialogue.store import ConversationStore
+from kefu.dialogue.store import PY_BYTES_PER_ENCODED, ConversationStore
 from kefu.shared import errors
 from kefu.shared.streams import KV_CONV_STATE, STREAM_CONV, conv_subject
 
@@ -82,8 +82,6 @@ async def test_same_message_id_is_stored_once(store):
 async def test_local_states_are_capped_by_bytes(bus):
     """The states a replica keeps for its own next turns stay under their byte budget, the least recently
     written dropped first; a dropped one still loads (from the KV cache)."""
-    from kefu.dialogue.store import PY_BYTES_PER_ENCODED
-
     store = ConversationStore(bus, "capped", local_bytes=64 << 10)
     await store.setup()
     states = []
