@@ -2,6 +2,7 @@ import pytest
 
 from kefu.dialogue.policy import (
     Passage,
+    _terms,
     best_evidence,
     build_messages,
     handoff_summary,
@@ -10,6 +11,7 @@ from kefu.dialogue.policy import (
     upset,
     wants_human,
 )
+from kefu.shared.text import content_tokens
 
 LAMP = Passage("lamp", "Desk lamp L2", "The L2 desk lamp costs 129 yuan and has three brightness levels.")
 KETTLE = Passage("kettle", "电水壶 K5", "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月。")
@@ -29,6 +31,16 @@ def test_handoff_requests(text):
 def test_not_handoff(text):
     assert not wants_human(text)
 
+
+def test_questions_do_not_pile_up_in_the_caches():
+    # Every visitor's question is new: its words must not be kept in the caches meant for the knowledge
+    # base's sentences, which would grow by one entry per question until full (bench.soak's dialogue).
+    best_evidence("How much is the L2 desk lamp?", [LAMP, KETTLE])  # the passages' sentences cached
+    before = _terms.cache_info().currsize, content_tokens.cache_info().currsize
+    for i in range(40):
+        ev = best_evidence(f"How much is the L2 desk lamp for order {1000 + i}?", [LAMP, KETTLE])
+        assert ev.doc_id == "lamp"
+    assert (_terms.cache_info().currsize, content_tokens.cache_info().currsize) == before
 
 def test_evidence_is_the_answering_sentence_and_the_facts_it_must_keep():
     ev = best_evidence("How much is the L2 desk lamp?", [RETURNS, LAMP, KETTLE])

@@ -196,9 +196,20 @@ def _weighted_overlap(query: set[str], text: str, title_tokens: set[str], earlie
 @functools.lru_cache(maxsize=16384)
 def _terms(text: str) -> frozenset[str]:
     """The words of ``text`` that evidence is matched on: its meaningful tokens, English ones without their
-    plural "s" ("needs" meets "need"), and the parts of a hyphenated word ("under-sink" meets "sink")."""
+    plural "s" ("needs" meets "need"), and the parts of a hyphenated word ("under-sink" meets "sink").
+    Cached: the same knowledge-base sentences and titles come back turn after turn."""
+    return _stemmed(content_tokens(text))
+
+
+def _question_terms(question: str) -> frozenset[str]:
+    """``_terms`` of a question, not cached: a (rewritten) question is matched once, in its own turn, and
+    caching every one held ~1 KB per question until the caches were full (bench.soak's dialogue slope)."""
+    return _stemmed(content_tokens.__wrapped__(question))
+
+
+def _stemmed(tokens: frozenset[str]) -> frozenset[str]:
     out = set()
-    for t in content_tokens(text):
+    for t in tokens:
         out.add(stem(t))
         if "-" in t and all(part.isalpha() for part in t.split("-")):
             out.update(stem(part) for part in t.split("-") if part not in STOPWORDS)
@@ -286,7 +297,7 @@ def _question_tokens(query: str) -> set[str]:
 def _words(text: str) -> set[str]:
     """The meaningful tokens of ``text`` without the single Chinese characters of its longer words: a
     question's "路由器" should meet "路由" in a sentence, not count again for "路" and "由"."""
-    tokens = _terms(text)
+    tokens = _question_terms(text)
     covered = {ch for t in tokens if len(t) > 1 and has_cjk(t) for ch in t}
     return {t for t in tokens if not (len(t) == 1 and t in covered)}
 
