@@ -124,8 +124,9 @@ airgap-test-arm64: airgap-wheel-arm64 airgap-bundle ## the wheel and the bundle 
 # python:3.11-slim-bookworm built from Debian's packages (tools/images/base.sh), then the five Dockerfiles.
 IMAGE_ARCH ?=
 IMAGE_SERVICES ?=
-images: ## the five images with buildah (no Docker engine, no registry): localhost/kefu/<name>:<version>; IMAGE_ARCH=arm64, IMAGE_SERVICES="gateway ..."
-	$(SUDO) tools/images/build.sh $(if $(IMAGE_ARCH),--arch $(IMAGE_ARCH)) $(IMAGE_SERVICES)
+IMAGE_WHEELS ?=
+images: ## the five images with buildah (no Docker engine, no registry): localhost/kefu/<name>:<version>; IMAGE_ARCH=arm64, IMAGE_SERVICES="gateway ...", IMAGE_WHEELS=.kefu/wheels (arm64 inference: make airgap-wheel-arm64's wheel)
+	$(SUDO) tools/images/build.sh $(if $(IMAGE_ARCH),--arch $(IMAGE_ARCH)) $(if $(IMAGE_WHEELS),--wheels $(IMAGE_WHEELS)) $(IMAGE_SERVICES)
 
 images-binfmt: ## let this x86-64 machine run arm64 binaries (qemu-user-static) for IMAGE_ARCH=arm64
 	@[ -e /proc/sys/fs/binfmt_misc/register ] || $(SUDO) mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc

@@ -79,6 +79,13 @@ cp -L /etc/ssl/certs/ca-certificates.crt "$home/.config/pip/ca.crt"
 } >"$home/.config/pip/pip.conf"
 mounts=(--volume "$PWD/$home:/root")
 [ -z "$wheels" ] || mounts+=(--volume "$(realpath "$wheels"):/root/wheels:ro")
+if [ "$arch" != "$(dpkg --print-architecture)" ]; then
+    # Emulated (qemu-user), a RUN step sees this machine's CPUs in /sys, not the target's: onnxruntime's
+    # cpuinfo then crashes importing (arm64 on x86-64: a segfault in a thread, the step hangs). Hidden,
+    # it falls back to its defaults, as in a chroot; a native build, and the image, see the real CPUs.
+    mkdir -p "$work/no-cpu-sysfs"
+    mounts+=(--volume "$PWD/$work/no-cpu-sysfs:/sys/devices/system/cpu:ro")
+fi
 machine=${arch/amd64/x86_64}
 machine=${machine/arm64/aarch64}
 torch_index=${TORCH_INDEX:-}
