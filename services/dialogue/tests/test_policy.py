@@ -35,12 +35,16 @@ def test_not_handoff(text):
 def test_questions_do_not_pile_up_in_the_caches():
     # Every visitor's question is new: its words must not be kept in the caches meant for the knowledge
     # base's sentences, which would grow by one entry per question until full (bench.soak's dialogue).
+    _terms.cache_clear()  # emptied (pure functions): full caches would not grow either
+    content_tokens.cache_clear()
     best_evidence("How much is the L2 desk lamp?", [LAMP, KETTLE])  # the passages' sentences cached
     before = _terms.cache_info().currsize, content_tokens.cache_info().currsize
     for i in range(40):
         ev = best_evidence(f"How much is the L2 desk lamp for order {1000 + i}?", [LAMP, KETTLE])
         assert ev.doc_id == "lamp"
     assert (_terms.cache_info().currsize, content_tokens.cache_info().currsize) == before
+    assert before[0] > 0  # the passages' sentences are cached
+
 
 def test_evidence_is_the_answering_sentence_and_the_facts_it_must_keep():
     ev = best_evidence("How much is the L2 desk lamp?", [RETURNS, LAMP, KETTLE])
