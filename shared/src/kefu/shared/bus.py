@@ -205,8 +205,10 @@ class Bus:
                     queue: str = "", max_inflight: int = 256) -> Subscription:
         """Answer requests on ``subject`` with ``handler``, each in its own task.
 
-        A :class:`KefuError` becomes an error reply; any other exception is logged and answered as
-        ``internal``, so a requester never waits for a reply that will not come.
+        A :class:`KefuError` becomes an error reply; NATS not answering in time (a JetStream leader being
+        elected, the broker away) becomes ``service_unavailable``, which the requester may retry; any
+        other exception is logged and answered as ``internal``, so a requester never waits for a reply
+        that will not come.
         """
         slots = asyncio.Semaphore(max_inflight)
 
@@ -219,6 +221,11 @@ class Bus:
                         await msg.respond(reply.SerializeToString())
                 except KefuError as exc:
                     await self._respond_error(msg, exc)
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
+                        nats.errors.ConnectionClosedError) as exc:
+                    log.warning("handler found NATS unavailable", subject=subject, error=type(exc).__name__)
+                    await self._respond_error(msg, Unavailable("the message bus did not answer in time; try again",
+                                                               code="service_unavailable"))
                 except Exception:
                     log.exception("handler failed", subject=subject)
                     await self._respond_error(msg, Internal("internal error"))

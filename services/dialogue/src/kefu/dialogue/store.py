@@ -137,6 +137,8 @@ class ConversationStore:
             pass
         except DecryptionFailed as exc:  # a cache entry that does not authenticate: rebuilt from the log
             log.warning("cached state rejected", conversation_id=conversation_id, error=exc.message)
+        except (nats.errors.Error, APIError) as exc:  # the cache away (its leader elected anew): the log is the truth
+            log.warning("state cache not read", conversation_id=conversation_id, error=type(exc).__name__)
         if cached is not None and not verify:
             return cached
         subject, count, last_seq = await self._locate(conversation_id, cached.tenant if cached else None)
