@@ -232,6 +232,17 @@ def test_the_stack_from_images_answers_a_visitor(stack: Stack):
     print(out.read_text())
 
 
+def seconds_until_ok(container: str, metrics_port: int, path: str, within_s: float, every_s: float) -> float:
+    """Seconds until the container's ``path`` on its metrics port answers 200, asked from this host; fails
+    with the container's log after ``within_s``."""
+    started = time.monotonic()
+    while http(f"http://127.0.0.1:{metrics_port}", "GET", path, timeout=10)[0] != 200:
+        logs = podman("logs", container, check=False)
+        assert time.monotonic() - started < within_s, logs.stdout[-2000:] + logs.stderr[-2000:]
+        time.sleep(every_s)
+    return round(time.monotonic() - started, 1)
+
+
 def test_arm64_gateway_runs_under_emulation(tmp_path: Path):
     arm64 = f"localhost/kefu/gateway:{version()}-arm64"
     if ARCH == "arm64":
@@ -254,12 +265,7 @@ def test_arm64_gateway_runs_under_emulation(tmp_path: Path):
             assert podman("exec", name, "uname", "-m").stdout.strip() == "aarch64"
             # /healthz asked from here: under qemu on a busy machine the HEALTHCHECK's own Python takes
             # longer to start than its 3 s timeout (on an arm64 node it does not).
-            started, deadline = time.monotonic(), time.monotonic() + 240
-            while http(f"http://127.0.0.1:{metrics}", "GET", "/healthz", timeout=10)[0] != 200:
-                logs = podman("logs", name, check=False)
-                assert time.monotonic() < deadline, logs.stdout[-2000:] + logs.stderr[-2000:]
-                time.sleep(2)
-            healthy_s = round(time.monotonic() - started, 1)
+            healthy_s = seconds_until_ok(name, metrics, "/healthz", within_s=240, every_s=2)
             print(json.dumps({"arm64_gateway_healthy_s": healthy_s}))
         finally:
             podman("rm", "--force", "--time", "10", name, check=False)
@@ -309,13 +315,8 @@ def test_arm64_inference_generates_under_emulation(tmp_path: Path):
         podman(*run_args(name, env, "--volume", f"{no_cpus}:/sys/devices/system/cpu:ro", arm64))
         try:
             assert podman("exec", name, "uname", "-m").stdout.strip() == "aarch64"
-            started, deadline = time.monotonic(), time.monotonic() + 900
             # /readyz: the OCR and the model loaded, the job stream there (/healthz answers before).
-            while http(f"http://127.0.0.1:{metrics}", "GET", "/readyz", timeout=10)[0] != 200:
-                logs = podman("logs", name, check=False)
-                assert time.monotonic() < deadline, logs.stdout[-2000:] + logs.stderr[-2000:]
-                time.sleep(3)
-            ready_s = round(time.monotonic() - started, 1)
+            ready_s = seconds_until_ok(name, metrics, "/readyz", within_s=900, every_s=3)
             chunks, generate_s = asyncio.run(generate_once(nats.url))
             text = "".join(c.text for c in chunks)
             assert not chunks[-1].error_code, chunks[-1]
