@@ -290,8 +290,12 @@ def with_bridge(passages: list[Passage], bridged: list[Passage]) -> list[Passage
 def _question_tokens(query: str) -> set[str]:
     """The question's meaningful words plus the other words of the concepts it asks about, so "how much"
     meets "Price:" and "电池" meets "battery"."""
-    extra = expansions(query)
-    return _words(query) | {stem(t) for t in query_tokens(" ".join(extra))}
+    return _words(query) | _concept_words(query)
+
+
+def _concept_words(query: str) -> set[str]:
+    """The other words of the concepts ``query`` asks about."""
+    return {stem(t) for t in query_tokens(" ".join(expansions(query)))}
 
 
 def _words(text: str) -> set[str]:
@@ -315,7 +319,8 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     name the document weigh less: for "K5 保修多久" in "K5 电水壶容量 1.7 升，售价 199 元，保修 18 个月"
     that is "保修 18 个月", so 18 is required and 1.7 and 199 are not.
     """
-    q = _question_tokens(query)
+    own = _words(query)  # not cached (see _question_terms): computed once here
+    q = own | _concept_words(query)
     if not q:
         return None
     # Words only of earlier turns weigh half of the visitor's own words of this turn.
@@ -341,7 +346,7 @@ def best_evidence(query: str, passages: list[Passage], extra: tuple[str, ...] = 
     best: tuple[tuple[float, float, int], Evidence] | None = None
     top = max((p.score for p in passages), default=0.0) or 1.0
     chinese = _chinese_words(q)
-    synonyms = frozenset(q - _words(query))
+    synonyms = frozenset(q - own)
     for rank, p in enumerate(passages):
         title_tokens = _terms(p.title) | name_tokens
         about = products(p.title)
